@@ -1,0 +1,274 @@
+"""Concept files: one safetensors file per concept, and import/export of other formats (NeTI Sec. 3, App. B).
+
+A concept file holds the representation's weights (the NeTI mapper, Fourier frequencies included, or the
+baselines' vectors) and JSON metadata: format version, method, token, super-category and its norm, token width,
+layer names, base model, training steps and the full `MapperConfig`, from which the concept rebuilds itself.
+Loading never unpickles. Writes are atomic (temp file + rename). A truncated export keeps the first k hidden
+units, which nested dropout ordered by importance (App. B). Official NeTI checkpoints (torch pickles) are read
+with `torch.load(weights_only=True)` and a stand-in for their pickled encoder class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .config import MapperConfig
+from .mapper import MapperOutput, build_mapper, count_parameters
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "neti-studio-concept"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(temp_path)` then rename onto `path`, so a reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Concept(nn.Module):
+    """A learned concept: its token, super-category, config and mapper. Call it like the mapper."""
+
+    def __init__(self, token: str, super_category: str, config: MapperConfig, layer_names: Sequence[str] = (),
+                 base_model: str = "", train_steps: int = 0):
+        super().__init__()
+        self.token = token
+        self.super_category = super_category
+        self.config = config
+        self.layer_names = tuple(layer_names)
+        self.base_model = base_model
+        self.train_steps = train_steps
+        self.mapper = build_mapper(config)
+
+    def forward(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None) -> MapperOutput:
+        return self.mapper(t, l, truncation)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def depends_on_time(self) -> bool:
+        return self.config.method == "neti" and self.config.use_time
+
+    @property
+    def depends_on_layer(self) -> bool:
+        return self.config.method == "xti" or (self.config.method == "neti" and self.config.use_layer)
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self.mapper)
+
+    def metadata(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "method": cfg.method, "token": self.token,
+            "super_category": self.super_category, "target_norm": json.dumps(cfg.target_norm),
+            "token_dim": str(cfg.token_dim), "num_layers": str(cfg.num_layers),
+            "layer_names": json.dumps(list(self.layer_names)), "base_model": self.base_model,
+            "train_steps": str(self.train_steps), "num_parameters": str(self.num_parameters),
+            "config": cfg.to_json(),
+        }
+
+    def describe(self) -> str:
+        """One line for logs and the app: who this concept is and what made it."""
+        return (f"{self.token} ({self.method}, super-category '{self.super_category}', {self.train_steps} steps, "
+                f"{self.num_parameters:,} parameters, D={self.config.token_dim}, L={self.config.num_layers})")
+
+    def check_compatible(self, token_dim: int, num_layers: int, model_name: str = "this model") -> None:
+        """Refuse a concept made for another token width or layer count, naming the model it was made for."""
+        if (self.config.token_dim, self.config.num_layers) != (token_dim, num_layers):
+            made_for = f" ({self.base_model})" if self.base_model else ""
+            raise ValueError(
+                f"concept {self.token} was made for a model with token width {self.config.token_dim} and "
+                f"{self.config.num_layers} cross-attention layers{made_for}, but {model_name} has width {token_dim} "
+                f"and {num_layers} layers; load the base model it was trained on"
+            )
+
+    def truncated(self, keep_units: int) -> "Concept":
+        """A smaller concept whose output layer reads only the first `keep_units` hidden units (App. B)."""
+        if self.method != "neti":
+            raise ValueError(f"only NeTI concepts have hidden units to truncate; {self.token} is {self.method}")
+        if not 1 <= keep_units <= self.config.kept_units:
+            raise ValueError(f"keep_units must be in 1..{self.config.kept_units}, got {keep_units}")
+        small = Concept(self.token, self.super_category, replace(self.config, kept_units=keep_units),
+                        self.layer_names, self.base_model, self.train_steps)
+        state = {k: v.clone() for k, v in self.mapper.state_dict().items()}
+        state["output_layer.weight"] = state["output_layer.weight"][:, :keep_units].contiguous()
+        small.mapper.load_state_dict(state)
+        return small
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the concept atomically as one safetensors file (fp32, or fp16 at about half the size)."""
+        tensors = {f"mapper.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in self.mapper.state_dict().items()}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Concept":
+        """Read a concept file written by `save` (no pickle is ever involved)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"concept file {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"{str(path)!r} is not a readable concept file ({exc}); it may be truncated or not a safetensors "
+                "file: re-export it, or import official NeTI checkpoints with `import-official`"
+            ) from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} is a safetensors file but not a NeTI Studio concept (no '{FORMAT}' "
+                             "metadata); plain textual-inversion embeddings cannot be loaded as concepts")
+        if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+            raise ValueError(f"{str(path)!r} has format version {meta['format_version']}, newer than this "
+                             f"NeTI Studio reads ({FORMAT_VERSION}); upgrade NeTI Studio")
+        concept = cls(meta["token"], meta["super_category"], MapperConfig.from_json(meta["config"]),
+                      json.loads(meta.get("layer_names", "[]")), meta.get("base_model", ""),
+                      int(meta.get("train_steps", "0")))
+        state = {k.removeprefix("mapper."): v.float() for k, v in tensors.items()}
+        try:
+            concept.mapper.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{str(path)!r} does not match its own config: {exc}") from None
+        return concept
+
+
+def file_info(path: str | os.PathLike) -> dict:
+    """A concept file's metadata, parameter count and size, for `neti info` and the app's concept card."""
+    concept = Concept.load(path)
+    info = {k: v for k, v in concept.metadata().items() if k != "config"}
+    info["config"] = json.loads(concept.config.to_json())
+    info["file_size_bytes"] = Path(path).stat().st_size
+    info["path"] = str(path)
+    return info
+
+
+# ---- official NeTI checkpoints -------------------------------------------------------------------------------
+
+class _PickledEncoder:
+    """Stand-in for the official `NeTIPositionalEncoding` object: only its attributes are kept, nothing runs."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+_OFFICIAL_KEYS = {
+    "input_layer.": "input_layer.", "net.0.": "input_layer.", "net.1.": "hidden.0.", "net.2.": "hidden.1.",
+    "net.4.": "hidden.3.", "net.5.": "hidden.4.", "output_layer.0.": "output_layer.",
+}
+
+
+def _load_official_pickle(path: Path) -> dict:
+    allowed = [(_PickledEncoder, "models.positional_encoding.NeTIPositionalEncoding"),
+               (_PickledEncoder, "models.positional_encoding.BasicEncoder")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler raises many types; all mean "not a checkpoint we can read safely"
+        raise ValueError(f"{str(path)!r} is not an official NeTI mapper checkpoint that loads safely "
+                         f"(weights only): {exc}") from None
+
+
+def import_official(mapper_path: str | os.PathLike, embeds_path: str | os.PathLike | None = None,
+                    layer_names: Sequence[str] = ()) -> Concept:
+    """Convert an official `mapper-steps-N.pt` (+ optional `learned_embeds-steps-N.bin`) into a `Concept`."""
+    mapper_path = Path(mapper_path)
+    if not mapper_path.is_file():
+        raise FileNotFoundError(f"official checkpoint {str(mapper_path)!r} does not exist")
+    ckpt = _load_official_pickle(mapper_path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "cfg" not in ckpt:
+        raise ValueError(f"{str(mapper_path)!r} has no 'state_dict' and 'cfg': is it a mapper-steps-N.pt file?")
+    cfg, source = ckpt["cfg"], ckpt["state_dict"]
+    model_cfg, data_cfg = dict(cfg.get("model", {})), dict(cfg.get("data", {}))
+    state = {}
+    for key, value in source.items():
+        for old, new in _OFFICIAL_KEYS.items():
+            if key.startswith(old):
+                state[new + key[len(old):]] = value.float()
+                break
+    use_pe = bool(model_cfg.get("use_positional_encoding", True))
+    bypass = bool(model_cfg.get("output_bypass", True))
+    out_dim = state["output_layer.weight"].shape[0]
+    token_dim = out_dim // 2 if bypass else out_dim
+    anchors = int(model_cfg.get("num_pe_time_anchors", 10))
+    sigmas = dict(model_cfg.get("pe_sigmas", {}) or {})
+    config_kwargs = dict(
+        method="neti", token_dim=token_dim, use_positional_encoding=use_pe, use_bypass=bypass,
+        use_nested_dropout=bool(model_cfg.get("use_nested_dropout", True)),
+        nested_dropout_prob=float(model_cfg.get("nested_dropout_prob", 0.5)),
+        num_time_anchors=anchors, sigma_t=float(sigmas.get("sigma_t", 0.03)),
+        sigma_l=float(sigmas.get("sigma_l", 2.0)), target_norm=model_cfg.get("target_norm"),
+        use_rescaling=model_cfg.get("target_norm") is not None,
+    )
+    if use_pe:
+        encoder = ckpt.get("encoder")
+        frequencies = getattr(encoder, "w", None)
+        if not isinstance(frequencies, torch.Tensor):
+            raise ValueError(f"{str(mapper_path)!r} has no positional-encoding frequencies ('encoder.w')")
+        state["encoding.frequencies"] = frequencies.detach().float()
+        config_kwargs.update(num_frequencies=frequencies.shape[0],
+                             num_layers=state["input_layer.weight"].shape[0] // anchors)
+    else:
+        config_kwargs.update(num_layers=len(layer_names) or 16)
+    token = data_cfg.get("placeholder_token")
+    if embeds_path is not None:
+        embeds = _load_official_pickle(Path(embeds_path))
+        if not isinstance(embeds, dict) or len(embeds) != 1:
+            raise ValueError(f"{str(embeds_path)!r} should hold one {{token: embedding}} pair")
+        token = token or next(iter(embeds))
+    if not token:
+        raise ValueError("the checkpoint names no placeholder token; pass the learned_embeds file too")
+    steps = re.search(r"steps-(\d+)", mapper_path.name)
+    concept = Concept(token, str(data_cfg.get("super_category_token", "object")), MapperConfig(**config_kwargs),
+                      layer_names, str(model_cfg.get("pretrained_model_name_or_path", "")),
+                      int(steps.group(1)) if steps else 0)
+    concept.mapper.load_state_dict(state)
+    logger.info("imported official checkpoint %s as %s", mapper_path, concept.describe())
+    return concept
+
+
+def default_inference_timesteps(num_steps: int = 50, num_train_timesteps: int = 1000) -> list[float]:
+    """The timesteps a `linspace`-spaced scheduler (DPM-Solver's default) visits in `num_steps` steps."""
+    grid = torch.linspace(0, num_train_timesteps - 1, num_steps + 1).round().flip(0)[:-1]
+    return grid.tolist()
+
+
+def export_textual_inversion(concept: Concept, path: str | os.PathLike, timesteps: Sequence[float] | None = None,
+                             truncation: int | None = None) -> Path:
+    """Write `{token: v}` (safetensors) with v the mean of v_base over inference timesteps and all layers.
+
+    Tools that know only the P space (diffusers' `load_textual_inversion`, A1111) load it as a plain embedding.
+    """
+    ts = torch.tensor(timesteps if timesteps is not None else default_inference_timesteps(), dtype=torch.float32)
+    grid_t, grid_l = torch.meshgrid(ts, torch.arange(concept.config.num_layers, dtype=torch.float32), indexing="ij")
+    was_training = concept.training
+    concept.eval()
+    with torch.no_grad():
+        mean = concept(grid_t.reshape(-1), grid_l.reshape(-1), truncation).base.mean(dim=0)
+    concept.train(was_training)
+    tensors = {concept.token: mean.float().contiguous()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp))

@@ -1,0 +1,230 @@
+"""Text conditioning in P*: every (timestep, layer) encoding of a prompt in one batched pass (NeTI Sec. 3.1-3.3).
+
+For each row (prompt, t, l) the placeholder's input embedding is replaced by the concept's v_base(t, l) and the
+CLIP text encoder runs on all rows at once (chunked only to bound memory), where the official code runs it once
+per (t, l) pair. The textual bypass (Sec. 3.3, as in the official code) adds alpha * v_pass / ||v_pass|| * ||h||
+to the encoder's last hidden state h at the placeholder, before the final LayerNorm: the plain sequence feeds
+cross-attention keys, the bypassed one the values.
+
+Placeholder tokens are never added to the tokenizer: a prompt is split around them, so a shared tokenizer and
+text encoder are never mutated and several concepts can share one prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PLACEHOLDER = "{}"
+_TOKEN_LIKE = re.compile(r"<[^<>\s]+>")
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    ids: tuple[int, ...]  # (S,) token ids; placeholder slots hold the pad id
+    slots: tuple[tuple[int, str], ...]  # (position, concept token) for every placeholder occurrence
+
+
+@dataclass(frozen=True)
+class Encoding:
+    keys: torch.Tensor  # (..., S, D) plain encodings, for cross-attention keys
+    values: torch.Tensor  # (..., S, D) bypassed encodings, for cross-attention values
+
+
+def format_prompt(prompt: str, tokens: Sequence[str]) -> str:
+    """Put the concept token in place of `{}` and check that every concept and no unknown token is used."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: write one, with {} (or the concept's token) where the concept goes")
+    if PLACEHOLDER in prompt:
+        if len(tokens) != 1:
+            raise ValueError(
+                f"the prompt {prompt!r} uses {{}} but {len(tokens)} concepts are selected; with several concepts "
+                f"write their tokens ({', '.join(tokens) or 'none'}) instead of {{}}"
+            )
+        prompt = prompt.replace(PLACEHOLDER, tokens[0])
+    for found in _TOKEN_LIKE.findall(prompt):
+        if found not in tokens:
+            raise ValueError(
+                f"the prompt uses the token {found!r}, which is not a selected concept "
+                f"(selected: {', '.join(tokens) or 'none'}); select its concept or remove it from the prompt"
+            )
+    for token in tokens:
+        if token not in prompt:
+            raise ValueError(
+                f"the prompt {prompt!r} does not contain the concept's token {token!r}: "
+                f"write {token} (or {{}}) where the concept should appear"
+            )
+    return prompt
+
+
+def check_placeholder_token(tokenizer, token: str) -> None:
+    """A placeholder must be new: one word, not a token the vocabulary already has."""
+    if not isinstance(token, str) or not token.strip() or token != token.strip() or any(c.isspace() for c in token):
+        raise ValueError(f"placeholder token {token!r} must be one word without spaces, e.g. '<my-cat>'")
+    if PLACEHOLDER in token:
+        raise ValueError(f"placeholder token {token!r} must not contain {{}}")
+    if token.lower() in tokenizer.get_vocab() or token.lower() + "</w>" in tokenizer.get_vocab():
+        raise ValueError(
+            f"placeholder token {token!r} is already in the tokenizer's vocabulary; pick a new word, e.g. '<{token}>'"
+        )
+
+
+def super_category_id(tokenizer, word: str) -> int:
+    """The id of `word`, which must be exactly one existing token; the error shows how the tokenizer splits it."""
+    pieces = tokenizer.tokenize(word) if isinstance(word, str) and word.strip() else []
+    if len(pieces) != 1:
+        raise ValueError(
+            f"super-category {word!r} must be exactly one existing token, but the tokenizer splits it into "
+            f"{pieces}; choose a common single word such as 'object', 'cat' or 'teapot'"
+        )
+    return tokenizer.convert_tokens_to_ids(pieces[0])
+
+
+def _text_parts(text_encoder: nn.Module) -> nn.Module:
+    return getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests the parts, 5.x does not
+
+
+class TextConditioner:
+    """Batched P* text encodings for one tokenizer / text encoder pair, with a cache for inference."""
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, chunk_size: int = 256, cache_size: int = 16):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.chunk_size = chunk_size
+        self.cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.model_max_length
+
+    def embedding_of(self, token_id: int) -> torch.Tensor:
+        return _text_parts(self.text_encoder).embeddings.token_embedding.weight[token_id].detach()
+
+    def tokenize(self, prompt: str, tokens: Sequence[str] = ()) -> TokenizedPrompt:
+        """Token ids of `prompt` with one slot for each occurrence of a concept token, padded to max length."""
+        tok = self.tokenizer
+        pieces = re.split("(" + "|".join(re.escape(t) for t in tokens) + ")", prompt) if tokens else [prompt]
+        ids, slots = [tok.bos_token_id], []
+        for piece in pieces:
+            if piece in tokens:
+                slots.append((len(ids), piece))
+                ids.append(tok.pad_token_id)
+            elif piece.strip():
+                ids.extend(tok(piece, add_special_tokens=False).input_ids)
+        if len(ids) + 1 > self.max_length:
+            lost = [t for p, t in slots if p >= self.max_length - 1]
+            if lost:
+                raise ValueError(
+                    f"the prompt is too long ({len(ids) + 1} tokens, the model reads {self.max_length}) and the "
+                    f"concept token {lost[0]} falls beyond the limit; shorten the prompt or move the token earlier"
+                )
+            ids = ids[: self.max_length - 1]
+        ids.append(tok.eos_token_id)
+        ids += [tok.pad_token_id] * (self.max_length - len(ids))
+        return TokenizedPrompt(tuple(ids), tuple(slots))
+
+    def _body(self, embeds: torch.Tensor) -> torch.Tensor:
+        """CLIP text transformer on input embeddings (N, S, D) -> last hidden state before the final LayerNorm."""
+        from transformers.masking_utils import create_causal_mask
+
+        parts = _text_parts(self.text_encoder)
+        outputs = []
+        for chunk in embeds.split(self.chunk_size):
+            hidden = parts.embeddings(inputs_embeds=chunk)
+            mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+            outputs.append(parts.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state)
+        return torch.cat(outputs)
+
+    def encode_rows(self, prompts: Sequence[TokenizedPrompt], prompt_index: torch.Tensor, t: torch.Tensor,
+                    l: torch.Tensor, concepts: Mapping[str, nn.Module], truncation: int | None = None,
+                    alpha: float = 0.2) -> Encoding:
+        """Encodings of rows (prompts[prompt_index[n]], t[n], l[n]): keys and values, each (N, S, D)."""
+        parts = _text_parts(self.text_encoder)
+        weight = parts.embeddings.token_embedding.weight
+        device, dtype = weight.device, weight.dtype
+        ids = torch.tensor([p.ids for p in prompts], device=device)
+        prompt_index = prompt_index.to(device)
+        embeds = parts.embeddings.token_embedding(ids)[prompt_index]  # (N, S, D)
+        bypass_rows, bypass_pos, bypass_vec = [], [], []
+        for token, concept in concepts.items():
+            rows, pos = _slot_rows(prompts, prompt_index, token)
+            if rows.numel() == 0:
+                continue
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            out = concept(t[unique.cpu()].to(device), l[unique.cpu()].to(device), truncation)
+            embeds = embeds.index_put((rows, pos), out.base[inverse].to(dtype))
+            if out.bypass is not None and alpha != 0:
+                bypass_rows.append(rows), bypass_pos.append(pos), bypass_vec.append(out.bypass[inverse])
+        hidden = self._body(embeds)  # (N, S, D) before the final LayerNorm
+        keys = parts.final_layer_norm(hidden)
+        if not bypass_rows:
+            return Encoding(keys, keys)
+        rows, pos, vec = torch.cat(bypass_rows), torch.cat(bypass_pos), torch.cat(bypass_vec)
+        at = hidden[rows, pos]  # (M, D)
+        shifted = at + alpha * F.normalize(vec.to(at.dtype), dim=-1) * at.norm(dim=-1, keepdim=True)
+        values = parts.final_layer_norm(hidden.index_put((rows, pos), shifted))
+        return Encoding(keys, values)
+
+    def encode_grid(self, prompt: TokenizedPrompt, concepts: Mapping[str, nn.Module], timesteps: Sequence[float],
+                    num_layers: int, truncation: int | None = None, alpha: float = 0.2) -> Encoding:
+        """All (timestep, layer) encodings of one prompt: keys and values, each (T, L, S, D), cached at inference.
+
+        Rows a concept cannot tell apart (XTI ignores t, TI ignores t and l, a plain prompt ignores both) are
+        encoded once and broadcast.
+        """
+        used = {tok: c for tok, c in concepts.items() if any(tok == s for _, s in prompt.slots)}
+        key = None
+        if not torch.is_grad_enabled():
+            key = (prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
+                   id(self.text_encoder))
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        by_time = any(getattr(c, "depends_on_time", True) for c in used.values())
+        by_layer = any(getattr(c, "depends_on_layer", True) for c in used.values())
+        ts = torch.as_tensor(list(timesteps) if by_time else [timesteps[0]], dtype=torch.float32)
+        ls = torch.arange(num_layers if by_layer else 1, dtype=torch.float32)
+        grid_t, grid_l = torch.meshgrid(ts, ls, indexing="ij")
+        rows = torch.zeros(grid_t.numel(), dtype=torch.long)
+        enc = self.encode_rows([prompt], rows, grid_t.reshape(-1), grid_l.reshape(-1), used, truncation, alpha)
+        shape = (len(ts), len(ls), *enc.keys.shape[1:])
+        full = (len(timesteps), num_layers, *enc.keys.shape[1:])
+        keys = enc.keys.view(shape).expand(full)
+        values = keys if enc.values is enc.keys else enc.values.view(shape).expand(full)
+        result = Encoding(keys, values)
+        if key is not None:
+            self._cache[key] = result
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return result
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+def _slot_rows(prompts: Sequence[TokenizedPrompt], prompt_index: torch.Tensor, token: str):
+    """(row, position) pairs of every occurrence of `token` over the rows."""
+    rows, pos = [], []
+    for p, prompt in enumerate(prompts):
+        positions = [i for i, tok in prompt.slots if tok == token]
+        if not positions:
+            continue
+        r = (prompt_index == p).nonzero().flatten()
+        rows.append(r.repeat_interleave(len(positions)))
+        pos.append(torch.tensor(positions, device=r.device).repeat(len(r)))
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long, device=prompt_index.device)
+        return empty, empty
+    return torch.cat(rows), torch.cat(pos)
+
+
+def _identity(concepts: Mapping[str, nn.Module]) -> tuple:
+    """Who the concepts are and how often their weights changed (in-place updates bump a tensor's version)."""
+    return tuple(sorted((tok, id(c), tuple(p._version for p in c.parameters())) for tok, c in concepts.items()))

@@ -1,0 +1,268 @@
+"""Generation with P* concepts, on diffusers' own `StableDiffusionPipeline` (NeTI Sec. 3-5, Fig. 11, 12, 20).
+
+The pipeline runs unchanged: NeTI enters through the cross-attention processors (attention.py) and the
+`callback_on_step_end` hook, which hands the UNet the packed per-layer encodings of the next timestep. All
+encodings of a call are computed up front in batched text-encoder passes (conditioning.py); both halves of
+classifier-free guidance share one UNet call and all images of a call share one batch. Controls:
+- truncation k: nested-dropout truncation, fidelity (k = 128) against editability (small k) (Sec. 3.4);
+- bypass strength alpha (0 = no textual bypass) (Sec. 3.3);
+- truncation sweep, per-timestep decomposition (the mapper queried at one fixed t, Fig. 12), and style mixing:
+  the geometry concept feeds the geometry layers, and all layers before the start timestep (Fig. 20).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .attention import has_processors, install_processors, pack
+from .concept import Concept
+from .conditioning import Encoding, TextConditioner, format_prompt
+from .config import DEFAULT_BYPASS_ALPHA
+from .images import make_grid
+from .layers import cross_attention_layers, resolve_layer_names
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")
+DEFAULT_DECOMPOSITION_TIMESTEPS = (999, 800, 600, 400, 200, 0)
+MIX_STRIP_STARTS = (600, 700, 800, 900)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: everything but the prompt, concepts and NeTI controls."""
+
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "dpm"
+    negative_prompt: str = ""
+    height: int | None = None  # None: the model's resolution
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
+        if not self.guidance >= 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+@dataclass
+class Row:
+    """One image to render: its per-step encodings (T, L, S, D), its seed and its settings."""
+
+    encoding: Encoding
+    seed: int
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    images: list  # PIL images, or arrays / tensors with output_type "np" / "pt"
+    settings: list[dict]
+    grid: Image.Image | None = None
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        raise ValueError("give at least one seed")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
+            raise ValueError(f"seed {s!r} must be an integer in [0, 2**63)")
+    return seeds
+
+
+class Generator:
+    """Renders prompts with concepts on a loaded `StableDiffusionPipeline`."""
+
+    def __init__(self, pipe, model_name: str = ""):
+        self.pipe = pipe
+        self.model_name = model_name
+        self.layers = cross_attention_layers(pipe.unet)
+        if not has_processors(pipe.unet, self.layers):
+            install_processors(pipe.unet, self.layers)
+        self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder)
+        self.token_dim = pipe.text_encoder.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    # ---- building blocks ------------------------------------------------------------------------------------
+    def timesteps(self, sampling: Sampling) -> list[float]:
+        """The timesteps the sampler will visit, the t at which the mapper is queried."""
+        scheduler = self.make_scheduler(sampling.scheduler)
+        scheduler.set_timesteps(sampling.steps)
+        return [float(t) for t in scheduler.timesteps]
+
+    def make_scheduler(self, name: str):
+        import diffusers
+
+        cls = getattr(diffusers, SCHEDULERS[name])
+        return cls.from_config(self.pipe.scheduler.config)
+
+    def prepare(self, prompt: str, concepts: Sequence[Concept]) -> tuple:
+        concepts = list(concepts)
+        tokens = [c.token for c in concepts]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"two selected concepts share a token ({tokens}); rename one of them")
+        for c in concepts:
+            c.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model")
+        text = format_prompt(prompt, tokens)
+        return self.conditioner.tokenize(text, tokens), {c.token: c.eval() for c in concepts}, text
+
+    def encode(self, prompt: str, concepts: Sequence[Concept], mapper_timesteps: Sequence[float],
+               truncation: int | None, alpha: float) -> Encoding:
+        tokenized, by_token, _ = self.prepare(prompt, concepts)
+        with torch.no_grad():
+            return self.conditioner.encode_grid(tokenized, by_token, mapper_timesteps, self.num_layers,
+                                                truncation, alpha)
+
+    def render(self, rows: Sequence[Row], sampling: Sampling, output_type: str = "pil") -> Result:
+        """Denoise all rows in one batch with diffusers' pipeline; the callback feeds each step's encodings."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(**{**self.pipe.components, "scheduler": self.make_scheduler(sampling.scheduler)},
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            negative = self.conditioner.encode_grid(self.conditioner.tokenize(sampling.negative_prompt or ""), {},
+                                                    [0.0], self.num_layers)
+        neg = pack(negative.keys[0][None], negative.values[0][None]).expand(len(rows), -1, -1)  # (R, 2LS, D)
+        steps = rows[0].encoding.keys.shape[0]
+
+        def packed(step: int) -> torch.Tensor:
+            keys = torch.stack([r.encoding.keys[step] for r in rows])  # (R, L, S, D)
+            values = torch.stack([r.encoding.values[step] for r in rows])
+            return pack(keys, values)
+
+        def on_step_end(pipeline, i, t, kwargs):
+            if i + 1 >= steps:
+                return {}
+            embeds = packed(i + 1)
+            if pipeline.do_classifier_free_guidance:
+                embeds = torch.cat([neg, embeds])
+            return {"prompt_embeds": embeds}
+
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
+        out = pipe(
+            prompt_embeds=packed(0), negative_prompt_embeds=neg, num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance, height=sampling.height, width=sampling.width, generator=generators,
+            callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+            output_type=output_type,
+        )
+        settings = [{**r.settings, "seed": r.seed, "steps": sampling.steps, "guidance": sampling.guidance,
+                     "scheduler": sampling.scheduler, "negative_prompt": sampling.negative_prompt,
+                     "base_model": self.model_name} for r in rows]
+        return Result(list(out.images), settings)
+
+    def _settings(self, prompt: str, concepts: Sequence[Concept], truncation, alpha) -> dict:
+        return {"prompt": prompt, "concepts": [c.token for c in concepts], "truncation": truncation,
+                "alpha": alpha}
+
+    # ---- public controls ------------------------------------------------------------------------------------
+    def generate(self, prompt: str, concepts: Sequence[Concept] = (), seeds: Sequence[int] = (0,),
+                 sampling: Sampling = Sampling(), truncation: int | None = None,
+                 alpha: float = DEFAULT_BYPASS_ALPHA, output_type: str = "pil") -> Result:
+        """One image per seed, all in one batch."""
+        seeds = check_seeds(seeds)
+        _check_alpha(alpha)
+        encoding = self.encode(prompt, concepts, self.timesteps(sampling), truncation, alpha)
+        base = self._settings(prompt, concepts, truncation, alpha)
+        return self.render([Row(encoding, s, dict(base)) for s in seeds], sampling, output_type)
+
+    def sweep(self, prompt: str, concepts: Sequence[Concept], seeds: Sequence[int], truncations: Sequence[int | None],
+              sampling: Sampling = Sampling(), alpha: float = DEFAULT_BYPASS_ALPHA) -> Result:
+        """The same seeds at several truncations in one batch; grid rows are truncations, columns seeds."""
+        seeds, truncations = check_seeds(seeds), list(truncations)
+        if not truncations:
+            raise ValueError("give at least one truncation value for the sweep")
+        _check_alpha(alpha)
+        timesteps = self.timesteps(sampling)
+        rows = []
+        for k in truncations:
+            encoding = self.encode(prompt, concepts, timesteps, k, alpha)
+            rows += [Row(encoding, s, self._settings(prompt, concepts, k, alpha)) for s in seeds]
+        result = self.render(rows, sampling)
+        result.grid = make_grid(result.images, len(truncations), len(seeds))
+        return result
+
+    def decompose(self, prompt: str, concepts: Sequence[Concept], seed: int = 0,
+                  fixed_timesteps: Sequence[float] = DEFAULT_DECOMPOSITION_TIMESTEPS,
+                  sampling: Sampling = Sampling(), truncation: int | None = None,
+                  alpha: float = DEFAULT_BYPASS_ALPHA) -> Result:
+        """Per-timestep decomposition (Fig. 12): for each fixed t, M(t, l) feeds every denoising step."""
+        seed = check_seeds([seed])[0]
+        _check_alpha(alpha)
+        steps = len(self.timesteps(sampling))
+        rows = []
+        for t in fixed_timesteps:
+            if not 0 <= float(t) < 1000:
+                raise ValueError(f"decomposition timestep {t!r} must be in [0, 1000)")
+            encoding = self.encode(prompt, concepts, [float(t)] * steps, truncation, alpha)
+            rows.append(Row(encoding, seed, {**self._settings(prompt, concepts, truncation, alpha),
+                                             "fixed_timestep": float(t)}))
+        result = self.render(rows, sampling)
+        result.grid = make_grid(result.images, 1, len(rows))
+        return result
+
+    def mix(self, prompt: str, geometry: Concept, appearance: Concept, seeds: Sequence[int] = (0,),
+            starts: Sequence[float] = (700,), geometry_layers: Sequence[str] = DEFAULT_GEOMETRY_LAYERS,
+            sampling: Sampling = Sampling(), truncation: int | None = None,
+            alpha: float = DEFAULT_BYPASS_ALPHA) -> Result:
+        """Style mixing (Fig. 20): geometry in `geometry_layers` always, and everywhere while t > start.
+
+        The prompt names the concept with {} or the geometry concept's token. One row per (start, seed).
+        """
+        seeds = check_seeds(seeds)
+        _check_alpha(alpha)
+        geometry_idx = resolve_layer_names(self.layers, list(geometry_layers))
+        appearance.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model")
+        timesteps = self.timesteps(sampling)
+        geo = self.encode(prompt, [geometry], timesteps, truncation, alpha)
+        tokenized, _, _ = self.prepare(prompt, [geometry])
+        with torch.no_grad():  # the appearance concept fills the same slot as the geometry concept
+            app = self.conditioner.encode_grid(tokenized, {geometry.token: appearance.eval()}, timesteps,
+                                               self.num_layers, truncation, alpha)
+        is_geometry_layer = torch.zeros(self.num_layers, dtype=torch.bool)
+        is_geometry_layer[geometry_idx] = True
+        rows = []
+        for start in starts:
+            if not 0 <= float(start) <= 1000:
+                raise ValueError(f"mixing start timestep {start!r} must be in [0, 1000]")
+            before_start = torch.tensor([t > float(start) for t in timesteps])
+            use_geo = (before_start[:, None] | is_geometry_layer[None, :])[..., None, None]  # (T, L, 1, 1)
+            device = geo.keys.device
+            mixed = Encoding(torch.where(use_geo.to(device), geo.keys, app.keys),
+                             torch.where(use_geo.to(device), geo.values, app.values))
+            settings = {**self._settings(prompt, [geometry], truncation, alpha), "appearance": appearance.token,
+                        "geometry_layers": list(geometry_layers), "mix_start": float(start)}
+            rows += [Row(mixed, s, settings) for s in seeds]
+        result = self.render(rows, sampling)
+        result.grid = make_grid(result.images, len(starts), len(seeds))
+        return result
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"bypass strength alpha must be in [0, 1] (0 turns the bypass off), got {alpha!r}")

@@ -1,0 +1,78 @@
+"""The UNet's cross-attention layers in forward order, with stable names (NeTI Sec. 3.1: the space axis).
+
+SD 1.x/2.x have 16 cross-attention layers. Their LDM names (IN01 ... MID ... OUT11, as in the official code and
+the paper's figures) are derived from the diffusers module paths; other layouts keep the diffusers path as name.
+`unet.attn_processors` lists the mid block last, so the order is rebuilt here: down blocks, mid block, up blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+_PATH = re.compile(
+    r"^(?P<group>down_blocks|mid_block|up_blocks)(?:\.(?P<block>\d+))?\.attentions\.(?P<attn>\d+)"
+    r"\.transformer_blocks\.(?P<tb>\d+)\.attn2$"
+)
+_GROUP_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    index: int  # position in forward order, the l of M(t, l)
+    name: str  # stable short name: IN01..OUT11 for SD 1.x/2.x
+    path: str  # diffusers module path of the attention module (its processor key minus ".processor")
+
+
+def _sort_key(path: str) -> tuple:
+    match = _PATH.match(path)
+    if match is None:
+        return (3, path)
+    return (
+        _GROUP_ORDER[match["group"]], int(match["block"] or 0), int(match["attn"]), int(match["tb"]),
+    )
+
+
+def _ldm_name(path: str, layers_per_block: int, single_block: bool) -> str | None:
+    match = _PATH.match(path)
+    if match is None or not single_block:
+        return None
+    if match["group"] == "mid_block":
+        return "MID"
+    block, attn = int(match["block"]), int(match["attn"])
+    if match["group"] == "down_blocks":
+        return f"IN{block * (layers_per_block + 1) + attn + 1:02d}"
+    return f"OUT{block * (layers_per_block + 1) + attn:02d}"
+
+
+def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
+    """All cross-attention modules of `unet` in forward order."""
+    paths = [
+        name for name, module in unet.named_modules()
+        if name.endswith("attn2") and getattr(module, "is_cross_attention", False)
+    ]
+    if not paths:
+        raise ValueError("this UNet has no cross-attention layers (modules named '*.attn2'); NeTI needs them")
+    paths.sort(key=_sort_key)
+    config = getattr(unet, "config", None)
+    layers_per_block = getattr(config, "layers_per_block", None)
+    single_block = all(_PATH.match(p) and _PATH.match(p)["tb"] == "0" for p in paths)
+    names = [_ldm_name(p, layers_per_block, single_block) if isinstance(layers_per_block, int) else None
+             for p in paths]
+    if any(n is None for n in names) or len(set(names)) != len(names):
+        names = paths
+    return [CrossAttentionLayer(i, n, p) for i, (n, p) in enumerate(zip(names, paths))]
+
+
+def resolve_layer_names(layers: list[CrossAttentionLayer], names: list[str]) -> list[int]:
+    """Indices of the layers called `names` (case-insensitive); a clear error for an unknown name."""
+    by_name = {layer.name.upper(): layer.index for layer in layers}
+    indices = []
+    for name in names:
+        key = str(name).strip().upper()
+        if key not in by_name:
+            raise ValueError(f"unknown layer name {name!r}; this model's layers are: {', '.join(by_name)}")
+        indices.append(by_name[key])
+    return indices

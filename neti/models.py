@@ -1,0 +1,78 @@
+"""Loading base models: a hub id or a local diffusers folder, SD 1.x / 2.x, or the bundled toy model.
+
+Everything goes through diffusers' `StableDiffusionPipeline.from_pretrained`, the same path real Stable Diffusion
+takes; the token width D and the number of cross-attention layers are read from the loaded model (NeTI Sec. 3.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO_ROOT / "assets" / "toy-sd"
+
+
+def default_model() -> str:
+    """The base model used when none is named: $NETI_MODEL, else the bundled toy model."""
+    return os.environ.get("NETI_MODEL", str(BUNDLED_MODEL))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return default_device()
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not understood; use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (as SD is usually run), fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None):
+    """A `StableDiffusionPipeline` from a hub id or a local folder, on `device` (auto: cuda, mps, cpu)."""
+    from diffusers import StableDiffusionPipeline
+
+    model = str(model) if model is not None else default_model()
+    device = resolve_device(device)
+    dtype = dtype or default_dtype(device)
+    local = Path(model).expanduser()
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise ValueError(
+            f"{model!r} is not a diffusers model folder (no model_index.json); give a folder saved with "
+            f"`save_pretrained`, a hub id such as 'runwayml/stable-diffusion-v1-5', or the bundled model "
+            f"{BUNDLED_MODEL}"
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local) if local.exists() else model, dtype=dtype, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+    except Exception as exc:  # hub, network and parsing errors all mean: this model cannot be had here
+        if local.exists():
+            raise ValueError(f"could not load base model folder {model!r}: {exc}") from None
+        reason = f"no local folder by that name, and the model hub did not provide it ({type(exc).__name__})"
+        raise ValueError(
+            f"could not load base model {model!r}: {reason}. Use a local folder in diffusers layout "
+            f"(model_index.json), or the bundled toy model {BUNDLED_MODEL} (the default)"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded %s on %s (%s)", model, device, dtype)
+    return pipe.to(device)
