@@ -149,7 +149,7 @@ class Concept(nn.Module):
         concept = cls(meta["token"], meta["super_category"], MapperConfig.from_json(meta["config"]),
                       json.loads(meta.get("layer_names", "[]")), meta.get("base_model", ""),
                       int(meta.get("train_steps", "0")))
-        state = {k.removeprefix("mapper."): v.float() for k, v in tensors.items()}
+        state = {k.removeprefix("mapper."): v.float() for k, v in tensors.items() if k.startswith("mapper.")}
         try:
             concept.mapper.load_state_dict(state)
         except RuntimeError as exc:

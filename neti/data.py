@@ -6,9 +6,9 @@ prompt template ("a photo of a {}", ...) whose `{}` the trainer fills with the p
 holds that pipeline and everything users' files need before it:
 
 - `load_images` reads a folder or a list of files of any common format, applies the EXIF orientation, takes
-  the first frame of animations, composites transparency on white and converts every Pillow mode (greyscale,
-  palette, CMYK, 16-bit, float) to 8-bit RGB. Unreadable files are skipped and reported in one warning;
-  inputs that leave nothing to train on raise `ImageInputError`.
+  the first frame of animations, applies embedded ICC profiles, composites transparency on white and converts
+  every Pillow mode (greyscale, palette, CMYK, L*a*b*, 16-bit, float) to 8-bit sRGB. Unreadable files are
+  skipped and reported in one warning; inputs that leave nothing to train on raise `ImageInputError`.
 - `to_tensor` turns one image into a (3, R, R) float tensor in [-1, 1] (short side resized, bicubic; centre or
   random crop).
 - `ConceptDataset` yields `{"pixel_values", "template"}` items whose randomness depends only on (seed, index),
@@ -149,7 +149,7 @@ class ImageSet(Sequence[LoadedImage]):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> LoadedImage | tuple[LoadedImage, ...]:  # type: ignore[override]
         return self.images[index]
 
     def __iter__(self) -> Iterator[LoadedImage]:
@@ -167,7 +167,7 @@ class ImageSet(Sequence[LoadedImage]):
 
 def template_kind(name: str) -> tuple[str, ...]:
     """Return the prompt templates for a learnable property: "object" or "style"."""
-    key = name.strip().lower() if isinstance(name, str) else name
+    key = name.strip().lower() if isinstance(name, str) else None
     if key not in _TEMPLATE_KINDS:
         raise ValueError(
             f"Unknown template kind {name!r}; use one of {sorted(_TEMPLATE_KINDS)} "

@@ -1,0 +1,448 @@
+"""The NeTI trainer, and the TI / XTI baselines in the same loop (NeTI Sec. 4 and 5.1; App. A).
+
+Only the concept's representation trains; UNet, VAE and text encoder stay frozen. Each micro-batch draws images,
+prompt templates, noise and timesteps t ~ U{0..999}, encodes the prompts for all cross-attention layers at the
+samples' timesteps in one batched text-encoder pass (conditioning.py), and regresses the noise (or the velocity
+for v-prediction models). Defaults follow the paper: batch 2, gradient accumulation 4, AdamW, lr 1e-3 scaled by
+batch x accumulation x processes, constant schedule, 500 steps.
+
+Everything random in micro-batch m is drawn under a seed derived from (seed, m), so a run stopped and resumed
+from a checkpoint (weights, optimiser, lr schedule, step, random states) continues exactly as if uninterrupted.
+Checkpoints are concept files with the optimiser state inside; they are written atomically and are themselves
+loadable concepts. A cancel request stops after the current micro-batch and saves the concept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, safe_open, save_file
+
+from .attention import has_processors, install_processors, pack
+from .concept import Concept, atomic_write
+from .conditioning import TextConditioner, check_placeholder_token, super_category_id
+from .config import METHODS, MapperConfig
+from .data import ConceptDataset, template_kind
+from .layers import cross_attention_layers
+
+logger = logging.getLogger(__name__)
+
+BASE_LEARNING_RATES = {"neti": 1e-3, "xti": 6.25e-4, "ti": 5e-4}  # before scaling by batch x accumulation
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ABLATIONS = ("no_positional_encoding", "no_nested_dropout", "no_bypass", "no_rescaling", "time_only", "space_only")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; saved in every checkpoint so that a resume can check it continues the same run."""
+
+    method: str = "neti"  # "neti", "xti" or "ti"
+    ablations: tuple[str, ...] = ()  # any of ABLATIONS (NeTI only)
+    steps: int = 500  # optimisation steps
+    batch_size: int = 2
+    grad_accum: int = 4  # micro-batches per optimisation step
+    learning_rate: float | None = None  # None: the method's default (BASE_LEARNING_RATES)
+    scale_lr: bool = True  # multiply by batch x accumulation x processes (1e-3 -> 8e-3)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    lr_warmup_steps: int = 0  # constant schedule after warm-up
+    templates: str = "object"  # "object" or "style" prompt templates
+    flip_p: float = 0.5
+    crop: str = "center"
+    resolution: int | None = None  # None: the base model's resolution
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "fp16" (CUDA), "bf16"
+    gradient_checkpointing: bool = False
+    per_layer_conditioning: bool = False  # the official loop: one text-encoder pass per layer (for benchmarks)
+    checkpoint_every: int = 100  # optimisation steps between checkpoints; 0 turns them off
+    keep_checkpoints: int = 3
+    preview_every: int = 0  # optimisation steps between previews (step 0 included); 0 turns them off
+    preview_prompts: tuple[str, ...] = ("a photo of a {}",)
+    preview_seeds: tuple[int, ...] = (0,)
+    preview_steps: int = 20  # sampler steps of a preview
+    preview_guidance: float = 7.5
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        unknown = [a for a in self.ablations if a not in ABLATIONS]
+        if unknown:
+            raise ValueError(f"unknown ablation(s) {unknown}; use any of {', '.join(ABLATIONS)}")
+        if self.ablations and self.method != "neti":
+            raise ValueError(f"ablations apply to the NeTI mapper only, not to method {self.method!r}")
+        if "time_only" in self.ablations and "space_only" in self.ablations:
+            raise ValueError("time_only and space_only together leave the mapper no input; pick one")
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "preview_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("checkpoint_every", "preview_every", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}")
+        template_kind(self.templates)
+        if not self.preview_prompts or not self.preview_seeds:
+            raise ValueError("previews need at least one prompt and one seed")
+
+    def base_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else BASE_LEARNING_RATES[self.method]
+
+    def mapper_config(self, token_dim: int, num_layers: int, target_norm: float) -> MapperConfig:
+        a = set(self.ablations)
+        return MapperConfig(
+            method=self.method, token_dim=token_dim, num_layers=num_layers, target_norm=target_norm,
+            use_positional_encoding="no_positional_encoding" not in a, use_nested_dropout="no_nested_dropout" not in a,
+            use_bypass="no_bypass" not in a, use_rescaling=self.method == "neti" and "no_rescaling" not in a,
+            use_time="space_only" not in a, use_layer="time_only" not in a, seed=self.seed,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        values = json.loads(text)
+        for key in ("ablations", "adam_betas", "preview_prompts", "preview_seeds"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # optimisation steps done
+    total_steps: int
+    loss: float  # mean loss of this step's micro-batches
+    learning_rate: float
+    seconds_per_step: float
+
+
+@dataclass(frozen=True)
+class PreviewInfo:
+    step: int
+    images: list  # PIL images, one per (prompt, seed), prompt-major
+    prompts: list[str]
+    seeds: list[int]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path
+
+
+class TrainingCallback:
+    """Override what you need; the trainer calls these from its own thread."""
+
+    def on_step(self, info: StepInfo) -> None: ...
+
+    def on_preview(self, info: PreviewInfo) -> None: ...
+
+    def on_checkpoint(self, info: CheckpointInfo) -> None: ...
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # (B, 3, R, R)
+    prompts: list[str]
+    noise: torch.Tensor  # (B, C, h, w)
+    timesteps: torch.Tensor  # (B,)
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    path: Path
+    steps_done: int
+    cancelled: bool
+    losses: list[float] = field(default_factory=list)
+
+
+def _seed_for(seed: int, micro_step: int) -> int:
+    return (seed * 1_000_003 + micro_step * 7_919 + 17) % (2**63 - 1)
+
+
+class Trainer:
+    """Trains one concept on a loaded `StableDiffusionPipeline`'s frozen components."""
+
+    def __init__(self, pipe, images: Sequence[Image.Image], token: str, super_category: str,
+                 config: TrainConfig = TrainConfig(), model_name: str = "",
+                 callbacks: Sequence[TrainingCallback] = ()):
+        if not images:
+            raise ValueError("training needs at least one image")
+        self.pipe, self.config, self.model_name = pipe, config, model_name
+        self.callbacks = list(callbacks)
+        self._cancel = threading.Event()
+        check_placeholder_token(pipe.tokenizer, token)
+        super_id = super_category_id(pipe.tokenizer, super_category)
+        self.layers = cross_attention_layers(pipe.unet)
+        if not has_processors(pipe.unet, self.layers):
+            install_processors(pipe.unet, self.layers)
+        self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder)
+        super_embedding = self.conditioner.embedding_of(super_id).float()
+        mapper_config = config.mapper_config(pipe.text_encoder.config.hidden_size, len(self.layers),
+                                             float(super_embedding.norm()))
+        self.concept = Concept(token, super_category, mapper_config, [x.name for x in self.layers], model_name)
+        if mapper_config.method != "neti":
+            self.concept.mapper.initialize(super_embedding)
+        self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.dataset = ConceptDataset(list(images), self.resolution, template_kind(config.templates),
+                                      flip_p=config.flip_p, crop=config.crop, seed=config.seed)
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.step = 0
+        self._accelerator = None
+        self._setup_optimizer()
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def _setup_optimizer(self) -> None:
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        device = self.pipe.device
+        if cfg.mixed_precision == "fp16" and device.type != "cuda":
+            raise ValueError("mixed_precision 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this device")
+        self._accelerator = accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+        lr = cfg.base_learning_rate()
+        if cfg.scale_lr:
+            lr *= cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+        self.learning_rate = lr
+        self.concept.to(accelerator.device)
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            self.pipe.text_encoder.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(self.concept.parameters(), lr=lr, betas=cfg.adam_betas,
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        lr_scheduler = get_scheduler("constant_with_warmup" if cfg.lr_warmup_steps else "constant", optimizer,
+                                     num_warmup_steps=cfg.lr_warmup_steps)
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(self.concept, optimizer, lr_scheduler)
+
+    def cancel(self) -> None:
+        """Ask the loop to stop after the current micro-batch; the concept is saved with its step count."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    # ---- one micro-batch -------------------------------------------------------------------------------------
+    def make_batch(self, micro_step: int) -> Batch:
+        """The data, noise and timesteps of micro-batch `micro_step`: a function of (seed, micro_step) only."""
+        g = torch.Generator().manual_seed(_seed_for(self.config.seed, micro_step))
+        indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist()
+        items = [self.dataset[i] for i in indices]
+        pixels = torch.stack([it["pixel_values"] for it in items])
+        prompts = [it["template"].format(self.concept.token) for it in items]
+        latent_hw = self.resolution // self.pipe.vae_scale_factor
+        noise = torch.randn(len(items), self.pipe.unet.config.in_channels, latent_hw, latent_hw, generator=g)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(items),), generator=g)
+        return Batch(pixels, prompts, noise, timesteps)
+
+    def encoder_states(self, prompts: list[str], timesteps: torch.Tensor, truncation: int | None = None) -> torch.Tensor:
+        """Packed per-layer keys/values for each sample at its timestep: (B, L * 2 * S, D)."""
+        token = self.concept.token
+        tokenized = [self.conditioner.tokenize(p, [token]) for p in prompts]
+        num_layers, batch = len(self.layers), len(prompts)
+        concepts = {token: self.model}
+        if self.config.per_layer_conditioning:  # the official code's loop: one text-encoder pass per layer
+            parts = [self.conditioner.encode_rows(tokenized, torch.arange(batch), timesteps.float(),
+                                                  torch.full((batch,), float(l)), concepts, truncation)
+                     for l in range(num_layers)]
+            keys = torch.stack([p.keys for p in parts], dim=1)
+            values = torch.stack([p.values for p in parts], dim=1)
+        else:
+            rows = torch.arange(batch).repeat_interleave(num_layers)
+            enc = self.conditioner.encode_rows(tokenized, rows, timesteps.float().repeat_interleave(num_layers),
+                                               torch.arange(num_layers).repeat(batch).float(), concepts, truncation)
+            keys, values = (x.view(batch, num_layers, *x.shape[1:]) for x in (enc.keys, enc.values))
+        return pack(keys, values)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        pipe = self.pipe
+        device, dtype = pipe.device, pipe.unet.dtype
+        with torch.no_grad():
+            latents = pipe.vae.encode(batch.pixel_values.to(device, pipe.vae.dtype)).latent_dist.mean
+            latents = latents * pipe.vae.config.scaling_factor
+        noise, timesteps = batch.noise.to(device, latents.dtype), batch.timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        with self._accelerator.autocast():
+            states = self.encoder_states(batch.prompts, batch.timesteps)
+            pred = pipe.unet(noisy.to(dtype), timesteps, states.to(dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def evaluation_loss(self, batch: Batch) -> float:
+        """Loss on a fixed batch without nested dropout (eval mode), for tracking progress."""
+        was_training = self.concept.training
+        self.concept.eval()
+        with torch.no_grad():
+            value = float(self.loss(batch))
+        self.concept.train(was_training)
+        return value
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def train(self, out_path: str | Path, resume: str | Path | None = None) -> TrainResult:
+        """Train to `config.steps` (from a checkpoint if `resume`), saving the concept to `out_path`."""
+        cfg, out_path = self.config, Path(out_path)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        losses: list[float] = []
+        self.concept.train()
+        try:
+            if cfg.preview_every and self.step == 0:
+                self.preview()
+            while self.step < cfg.steps and not self.cancelled:
+                started = time.perf_counter()
+                step_loss = 0.0
+                for micro in range(cfg.grad_accum):
+                    micro_step = self.step * cfg.grad_accum + micro
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_seed_for(cfg.seed, micro_step) + 1)  # nested dropout draws
+                        loss = self.loss(self.make_batch(micro_step))
+                        self._accelerator.backward(loss / cfg.grad_accum)
+                    step_loss += float(loss.detach()) / cfg.grad_accum
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.concept.train_steps = self.step
+                losses.append(step_loss)
+                info = StepInfo(self.step, cfg.steps, step_loss, self.lr_scheduler.get_last_lr()[0],
+                                time.perf_counter() - started)
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(f"the loss became {step_loss} at step {self.step}; lower the "
+                                             "learning rate or turn mixed precision off")
+                for cb in self.callbacks:
+                    cb.on_step(info)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint(out_path)
+                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self.preview()
+        finally:  # finished, cancelled or crashed: the concept so far is saved
+            self.concept.eval()
+            self.concept.save(out_path)
+            logger.info("saved %s after %d steps to %s", self.concept.token, self.step, out_path)
+        return TrainResult(self.concept, out_path, self.step, self.cancelled, losses)
+
+    def preview(self) -> PreviewInfo:
+        """Render the preview prompts with the core generator on the same pipeline (fixed seeds)."""
+        from .generate import Generator, Sampling
+
+        cfg = self.config
+        was_training = self.concept.training
+        generator = Generator(self.pipe, self.model_name)
+        images, prompts, seeds = [], [], []
+        sampling = Sampling(steps=cfg.preview_steps, guidance=cfg.preview_guidance)
+        with torch.random.fork_rng(devices=[]):
+            for prompt in cfg.preview_prompts:
+                result = generator.generate(prompt, [self.concept], list(cfg.preview_seeds), sampling)
+                images += result.images
+                prompts += [prompt] * len(cfg.preview_seeds)
+                seeds += list(cfg.preview_seeds)
+        self.concept.train(was_training)
+        info = PreviewInfo(self.step, images, prompts, seeds)
+        for cb in self.callbacks:
+            cb.on_preview(info)
+        return info
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def checkpoint_dir(self, out_path: Path) -> Path:
+        return out_path.with_name(out_path.stem + "-checkpoints")
+
+    def save_checkpoint(self, out_path: str | Path) -> Path:
+        """A concept file that also carries optimiser, lr-schedule, step and random states (atomic)."""
+        folder = self.checkpoint_dir(Path(out_path))
+        path = folder / f"checkpoint-{self.step:06d}.safetensors"
+        tensors = {f"mapper.{k}": v.detach().cpu().contiguous() for k, v in self.concept.mapper.state_dict().items()}
+        optim_state = self.optimizer.state_dict()
+        for index, state in optim_state["state"].items():
+            for name, value in state.items():
+                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = self.concept.metadata()
+        meta["training_state"] = json.dumps({
+            "step": self.step, "train_config": self.config.to_json(),
+            "param_groups": optim_state["param_groups"], "lr_scheduler": self.lr_scheduler.state_dict(),
+            "python_random": _jsonable(random.getstate()),
+        })
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        for old in sorted(folder.glob("checkpoint-*.safetensors"))[: -self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        for cb in self.callbacks:
+            cb.on_checkpoint(CheckpointInfo(self.step, path))
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = latest_checkpoint(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "training_state" not in meta:
+            raise ValueError(f"{str(path)!r} is a concept but not a training checkpoint (no optimiser state); "
+                             "resume from a file in the '*-checkpoints' folder")
+        state = json.loads(meta["training_state"])
+        saved = TrainConfig.from_json(state["train_config"])
+        if replace(saved, steps=self.config.steps) != replace(self.config, steps=self.config.steps):
+            logger.warning("resuming with settings that differ from the checkpoint's; the run will not be "
+                           "identical to an uninterrupted one")
+        tensors = load_file(str(path))
+        self.concept.mapper.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("mapper.")})
+        optim_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                optim_state["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(optim_state)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        random.setstate(_from_jsonable(state["python_random"]))
+        self.step = self.concept.train_steps = int(state["step"])
+        logger.info("resumed %s from %s at step %d", self.concept.token, path, self.step)
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """`path` itself, or the checkpoint with the highest step (read from metadata) in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = []
+        for file in path.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                meta = f.metadata() or {}
+            if "training_state" in meta:
+                candidates.append((json.loads(meta["training_state"])["step"], file))
+        if not candidates:
+            raise FileNotFoundError(f"no training checkpoint in {str(path)!r}")
+        return max(candidates)[1]
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def _jsonable(state):
+    return [_jsonable(x) for x in state] if isinstance(state, (tuple, list)) else state
+
+
+def _from_jsonable(state):
+    return tuple(_from_jsonable(x) for x in state) if isinstance(state, list) else state
