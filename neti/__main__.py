@@ -1,0 +1,264 @@
+"""NeTI Studio command line: train, generate, mix, decompose, import and export P* concepts.
+
+Examples:
+  python -m neti train --images assets/examples/dotted-crescent --token "<dotted-crescent>" --init-token shape \\
+      --steps 500 --out concepts/dotted-crescent.safetensors
+  python -m neti generate --concept concepts/dotted-crescent.safetensors --prompt "a photo of a {}" --seeds 0 1 2
+  python -m neti mix --geometry a.safetensors --appearance b.safetensors --prompt "a photo of a {}"
+  python -m neti info concepts/dotted-crescent.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("neti")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from .models import default_model
+
+    p.add_argument("--model", default=default_model(), help="hub id or local diffusers folder (default: bundled)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _sampling_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
+    from .generate import SCHEDULERS
+
+    p.add_argument("--prompt", required=True, help="prompt with {} (or the concept's token) for the concept")
+    p.add_argument("--negative-prompt", default="")
+    if seeds:
+        p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--truncation", type=int, default=None, help="nested-dropout truncation k in 1..128")
+    p.add_argument("--alpha", type=float, default=0.2, help="textual-bypass strength (0 = off)")
+    p.add_argument("--out", default="outputs", help="folder for the PNGs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m neti", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a concept from a few images")
+    _model_args(p)
+    p.add_argument("--images", nargs="+", required=True, help="a folder or image files")
+    p.add_argument("--token", required=True, help="new placeholder token, e.g. '<my-cat>'")
+    p.add_argument("--init-token", "--super-category", dest="super_category", default="object",
+                   help="one existing token naming the concept's category (its norm rescales the mapper output)")
+    p.add_argument("--method", choices=["neti", "xti", "ti"], default="neti")
+    p.add_argument("--ablation", action="append", default=[], help="no_positional_encoding, no_nested_dropout, "
+                   "no_bypass, no_rescaling, time_only, space_only (repeatable)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default per method, then scaled)")
+    p.add_argument("--no-scale-lr", action="store_true", help="do not multiply lr by batch x accumulation")
+    p.add_argument("--templates", choices=["object", "style"], default="object")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--preview-every", type=int, default=0, help="steps between preview grids (0: none)")
+    p.add_argument("--preview-prompt", action="append", default=None, help="repeatable; default 'a photo of a {}'")
+    p.add_argument("--preview-seed", type=int, action="append", default=None)
+    p.add_argument("--resume", default=None, help="a checkpoint file or checkpoints folder")
+    p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
+
+    p = sub.add_parser("generate", help="render a prompt with concepts (or a truncation sweep)")
+    _model_args(p)
+    p.add_argument("--concept", action="append", default=[], help="concept file (repeatable)")
+    _sampling_args(p)
+    p.add_argument("--sweep", type=int, nargs="+", default=None, help="truncation values: render a sweep grid")
+
+    p = sub.add_parser("mix", help="style mixing: geometry of one concept, appearance of another")
+    _model_args(p)
+    p.add_argument("--geometry", required=True)
+    p.add_argument("--appearance", required=True)
+    p.add_argument("--starts", type=float, nargs="+", default=[700.0], help="mixing start timesteps")
+    p.add_argument("--geometry-layers", nargs="+", default=["IN07", "IN08", "MID"])
+    _sampling_args(p)
+
+    p = sub.add_parser("decompose", help="per-timestep decomposition: M(t, l) at one fixed t for all steps")
+    _model_args(p)
+    p.add_argument("--concept", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timesteps", type=float, nargs="+", default=[999, 800, 600, 400, 200, 0])
+    _sampling_args(p, seeds=False)
+
+    p = sub.add_parser("import-official", help="convert an official NeTI checkpoint into a concept file")
+    p.add_argument("mapper", help="mapper-steps-N.pt")
+    p.add_argument("--embeds", default=None, help="learned_embeds-steps-N.bin")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("export", help="export a concept: fp16, truncated, or as a textual-inversion embedding")
+    p.add_argument("concept")
+    p.add_argument("--out", required=True)
+    p.add_argument("--as", dest="kind", choices=["concept", "textual-inversion"], default="concept")
+    p.add_argument("--fp16", action="store_true", help="half-precision weights (about half the size)")
+    p.add_argument("--keep-units", type=int, default=None, help="keep the first k hidden units (App. B)")
+
+    p = sub.add_parser("info", help="print a concept's metadata, parameter count and file size")
+    p.add_argument("concept")
+    return parser
+
+
+def _generator(args):
+    from .generate import Generator
+    from .models import load_pipeline
+
+    return Generator(load_pipeline(args.model, args.device), args.model)
+
+
+def _sampling(args):
+    from .generate import Sampling
+
+    return Sampling(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                    negative_prompt=args.negative_prompt, height=args.height, width=args.width)
+
+
+def _write(result, out: str, stem: str) -> None:
+    from .images import save_png
+
+    folder = Path(out)
+    for i, (image, settings) in enumerate(zip(result.images, result.settings)):
+        path = save_png(image, folder / f"{stem}-{i:02d}-seed{settings['seed']}.png", settings)
+        print(path)
+    if result.grid is not None:
+        print(save_png(result.grid, folder / f"{stem}-grid.png", {"items": result.settings}))
+
+
+def cmd_train(args) -> None:
+    from tqdm import tqdm
+
+    from .data import load_images
+    from .images import make_grid, save_png
+    from .models import load_pipeline
+    from .train import TrainConfig, Trainer, TrainingCallback
+
+    source = args.images[0] if len(args.images) == 1 else args.images
+    images = load_images(source)
+    config = TrainConfig(
+        method=args.method, ablations=tuple(args.ablation), steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, learning_rate=args.lr, scale_lr=not args.no_scale_lr, templates=args.templates,
+        seed=args.seed, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        preview_every=args.preview_every, preview_prompts=tuple(args.preview_prompt or ["a photo of a {}"]),
+        preview_seeds=tuple(args.preview_seed or [0, 1]),
+    )
+    out = Path(args.out)
+    previews = out.with_name(out.stem + "-previews")
+
+    class Progress(TrainingCallback):
+        def __init__(self):
+            self.bar = tqdm(total=config.steps, desc=args.token, unit="step")
+
+        def on_step(self, info):
+            self.bar.n = info.step
+            self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.learning_rate:.2e}",
+                                 s_per_step=f"{info.seconds_per_step:.2f}")
+
+        def on_preview(self, info):
+            grid = make_grid(info.images, len(config.preview_prompts), len(config.preview_seeds))
+            save_png(grid, previews / f"step-{info.step:06d}.png",
+                     {"step": info.step, "prompts": list(config.preview_prompts), "seeds": list(config.preview_seeds)})
+
+    pipe = load_pipeline(args.model, args.device)
+    progress = Progress()
+    trainer = Trainer(pipe, images.pil_images, args.token, args.super_category, config, args.model, [progress])
+    try:
+        result = trainer.train(out, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the concept so far ({trainer.step} steps) is saved to {out}")
+        raise SystemExit(130)
+    finally:
+        progress.bar.close()
+    print(f"{result.concept.describe()}\nsaved to {result.path}")
+
+
+def cmd_generate(args) -> None:
+    from .concept import Concept
+
+    gen = _generator(args)
+    concepts = [Concept.load(p) for p in args.concept]
+    if args.sweep:
+        result = gen.sweep(args.prompt, concepts, args.seeds, args.sweep, _sampling(args), args.alpha)
+    else:
+        result = gen.generate(args.prompt, concepts, args.seeds, _sampling(args), args.truncation, args.alpha)
+    _write(result, args.out, "sweep" if args.sweep else "image")
+
+
+def cmd_mix(args) -> None:
+    from .concept import Concept
+
+    gen = _generator(args)
+    result = gen.mix(args.prompt, Concept.load(args.geometry), Concept.load(args.appearance), args.seeds, args.starts,
+                     args.geometry_layers, _sampling(args), args.truncation, args.alpha)
+    _write(result, args.out, "mix")
+
+
+def cmd_decompose(args) -> None:
+    from .concept import Concept
+
+    gen = _generator(args)
+    result = gen.decompose(args.prompt, [Concept.load(args.concept)], args.seed, args.timesteps, _sampling(args),
+                           args.truncation, args.alpha)
+    _write(result, args.out, "decompose")
+
+
+def cmd_import(args) -> None:
+    from .concept import import_official
+
+    concept = import_official(args.mapper, args.embeds)
+    concept.save(args.out)
+    print(f"{concept.describe()}\nsaved to {args.out}")
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from .concept import Concept, export_textual_inversion
+
+    concept = Concept.load(args.concept)
+    if args.keep_units is not None:
+        concept = concept.truncated(args.keep_units)
+    if args.kind == "textual-inversion":
+        export_textual_inversion(concept, args.out)
+    else:
+        concept.save(args.out, dtype=torch.float16 if args.fp16 else torch.float32)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes)")
+
+
+def cmd_info(args) -> None:
+    from .concept import file_info
+
+    print(json.dumps(file_info(args.concept), indent=2))
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "mix": cmd_mix, "decompose": cmd_decompose,
+            "import-official": cmd_import, "export": cmd_export, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The trainer: learning, exact resume, cancel, crash safety, callbacks and bad inputs (issue 3)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neti.concept import Concept
+from neti.train import TrainConfig, Trainer, TrainingCallback
+
+
+@pytest.fixture()
+def listening_pipe(tiny_pipe):
+    """The tiny pipeline with its cross-attention outputs amplified, so that the text visibly steers the
+    prediction of the random-weight UNet and a learned concept can lower the loss within a few steps."""
+    with torch.no_grad():
+        for name, module in tiny_pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_out[0].weight.mul_(100.0)
+    return tiny_pipe
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Three views of one simple thing: a red square on a blue ground, at different places."""
+    out = []
+    for shift in (4, 8, 12):
+        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+        pixels[...] = (30, 60, 200)
+        pixels[shift:shift + 14, shift:shift + 14] = (220, 30, 30)
+        out.append(Image.fromarray(pixels))
+    return out
+
+
+def quick(**overrides) -> TrainConfig:
+    values = dict(steps=6, batch_size=2, grad_accum=1, checkpoint_every=0, preview_every=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("method", ["neti", "xti", "ti"])
+def test_thirty_steps_lower_the_loss_on_a_fixed_batch_and_the_concept_generates(
+        listening_pipe, images, tmp_path, method):
+    trainer = Trainer(listening_pipe, images, "<thing>", "cat", quick(method=method, steps=30))
+    fixed = trainer.make_batch(10**6)  # images, noise and timesteps never seen in training
+    before = trainer.evaluation_loss(fixed)
+    result = trainer.train(tmp_path / "c.safetensors")
+    after = trainer.evaluation_loss(fixed)
+    assert after < 0.98 * before, (method, before, after)
+    concept = Concept.load(tmp_path / "c.safetensors")
+    assert concept.method == method and concept.train_steps == 30 == result.steps_done
+    from neti.generate import Generator, Sampling
+
+    image = Generator(listening_pipe).generate("a photo of a {}", [concept], [0], Sampling(steps=2)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_pipe, images, tmp_path):
+    cfg = quick(steps=6, grad_accum=2, checkpoint_every=3)
+    straight = Trainer(tiny_pipe, images, "<thing>", "cat", cfg).train(tmp_path / "a.safetensors").concept
+    first = Trainer(tiny_pipe, images, "<thing>", "cat", cfg)
+    stopper = _StopAt(first, 3)
+    first.callbacks.append(stopper)
+    first.train(tmp_path / "b.safetensors")
+    checkpoints = sorted((tmp_path / "b-checkpoints").glob("*.safetensors"))
+    assert [p.name for p in checkpoints] == ["checkpoint-000003.safetensors"]
+    resumed = Trainer(tiny_pipe, images, "<thing>", "cat", cfg)
+    result = resumed.train(tmp_path / "b.safetensors", resume=tmp_path / "b-checkpoints")
+    assert result.steps_done == 6
+    for (name, a), (_, b) in zip(straight.mapper.state_dict().items(), result.concept.mapper.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+
+
+class _StopAt(TrainingCallback):
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step(self, info):
+        if info.step == self.step:
+            self.trainer.cancel()
+
+
+def test_cancel_stops_within_one_step_and_leaves_a_loadable_concept(tiny_pipe, images, tmp_path):
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=50))
+    trainer.callbacks.append(_StopAt(trainer, 2))
+    result = trainer.train(tmp_path / "c.safetensors")
+    assert result.cancelled and result.steps_done == 2
+    assert Concept.load(tmp_path / "c.safetensors").train_steps == 2
+
+
+def test_a_crash_mid_training_still_saves_the_concept_so_far(tiny_pipe, images, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=10))
+    real = trainer.make_batch
+
+    def failing(micro_step):
+        if micro_step == 4:
+            raise RuntimeError("simulated out-of-memory")
+        return real(micro_step)
+
+    monkeypatch.setattr(trainer, "make_batch", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train(tmp_path / "c.safetensors")
+    assert Concept.load(tmp_path / "c.safetensors").train_steps == 4
+
+
+def test_a_kill_between_write_and_rename_never_leaves_a_partial_file(tiny_pipe, images, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=2))
+    trainer.train(tmp_path / "c.safetensors")
+    good = (tmp_path / "c.safetensors").read_bytes()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.concept.save(tmp_path / "c.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(tmp_path / "c.safetensors")
+    assert (tmp_path / "c.safetensors").read_bytes() == good
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "c.safetensors"]
+    assert leftovers == []
+    assert Concept.load(tmp_path / "c.safetensors").train_steps == 2
+
+
+class Recorder(TrainingCallback):
+    def __init__(self):
+        self.steps, self.previews, self.checkpoints = [], [], []
+
+    def on_step(self, info):
+        self.steps.append(info)
+
+    def on_preview(self, info):
+        self.previews.append(info)
+
+    def on_checkpoint(self, info):
+        self.checkpoints.append(info)
+
+
+def test_callbacks_fire_with_documented_values_including_a_step_zero_preview(tiny_pipe, images, tmp_path):
+    cfg = quick(steps=4, grad_accum=2, checkpoint_every=2, keep_checkpoints=1, preview_every=2,
+                preview_prompts=("a photo of a {}", "a sketch of a {}"), preview_seeds=(5, 6), preview_steps=2)
+    rec = Recorder()
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", cfg, callbacks=[rec])
+    trainer.train(tmp_path / "c.safetensors")
+    assert [s.step for s in rec.steps] == [1, 2, 3, 4]
+    assert all(s.total_steps == 4 and math.isfinite(s.loss) and s.seconds_per_step > 0 for s in rec.steps)
+    assert all(s.learning_rate == pytest.approx(1e-3 * 2 * 2) for s in rec.steps)  # scaled by batch x accum
+    assert [p.step for p in rec.previews] == [0, 2, 4]
+    assert all(len(p.images) == 4 and p.seeds == [5, 6, 5, 6] for p in rec.previews)
+    assert rec.previews[0].prompts == ["a photo of a {}"] * 2 + ["a sketch of a {}"] * 2
+    assert [c.step for c in rec.checkpoints] == [2]  # no checkpoint at the final step: the concept is saved
+    again = Recorder()
+    Trainer(tiny_pipe, images, "<thing>", "cat", cfg, callbacks=[again]).train(tmp_path / "d.safetensors")
+    assert np.array_equal(np.asarray(rec.previews[0].images[0]), np.asarray(again.previews[0].images[0]))
+
+
+def test_a_checkpoint_is_itself_a_loadable_concept_and_old_ones_are_pruned(tiny_pipe, images, tmp_path):
+    Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=7, checkpoint_every=2, keep_checkpoints=2)).train(
+        tmp_path / "c.safetensors")
+    files = sorted(p.name for p in (tmp_path / "c-checkpoints").iterdir())
+    assert files == ["checkpoint-000004.safetensors", "checkpoint-000006.safetensors"]
+    assert Concept.load(tmp_path / "c-checkpoints" / files[-1]).train_steps == 6
+
+
+@pytest.mark.parametrize("ablation, field, value", [
+    ("no_positional_encoding", "use_positional_encoding", False), ("no_nested_dropout", "use_nested_dropout", False),
+    ("no_bypass", "use_bypass", False), ("no_rescaling", "use_rescaling", False),
+    ("time_only", "use_layer", False), ("space_only", "use_time", False),
+])
+def test_each_ablation_switches_its_part_of_the_mapper_off(tiny_pipe, images, ablation, field, value):
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(ablations=(ablation,)))
+    assert getattr(trainer.concept.config, field) is value
+
+
+@pytest.mark.parametrize("token, message", [
+    ("cat", "already in the tokenizer's vocabulary"), ("<my thing>", "one word without spaces"),
+    ("", "one word without spaces"),
+])
+def test_bad_placeholder_tokens_are_refused(tiny_pipe, images, token, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_pipe, images, token, "cat", quick())
+
+
+def test_a_super_category_that_is_not_one_token_shows_the_split(tiny_pipe, images):
+    with pytest.raises(ValueError, match=r"splits it into \['ca', 'r</w>'\]"):
+        Trainer(tiny_pipe, images, "<thing>", "car", quick())
+
+
+def test_no_images_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="at least one image"):
+        Trainer(tiny_pipe, [], "<thing>", "cat", quick())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(steps=0), "steps must be a positive integer"), (dict(method="dreambooth"), "method 'dreambooth'"),
+    (dict(ablations=("no_mapper",)), "unknown ablation"), (dict(method="ti", ablations=("no_bypass",)), "NeTI"),
+    (dict(mixed_precision="fp8"), "mixed_precision"), (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(templates="poem"), "poem"),
+])
+def test_bad_training_settings_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        quick(**overrides)
+
+
+def test_fp16_mixed_precision_needs_cuda(tiny_pipe, images):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        Trainer(tiny_pipe, images, "<thing>", "cat", quick(mixed_precision="fp16"))
+
+
+def test_resuming_from_a_plain_concept_file_is_refused(tiny_pipe, images, tmp_path):
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=1))
+    trainer.train(tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=2)).train(tmp_path / "e.safetensors",
+                                                                         resume=tmp_path / "c.safetensors")
