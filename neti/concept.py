@@ -10,6 +10,7 @@ with `torch.load(weights_only=True)` and a stand-in for their pickled encoder cl
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "neti-studio-concept"
 FORMAT_VERSION = 1
+_UIDS = itertools.count()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -61,6 +63,7 @@ class Concept(nn.Module):
         self.base_model = base_model
         self.train_steps = train_steps
         self.mapper = build_mapper(config)
+        self.uid = next(_UIDS)  # never reused, unlike id(): keys the conditioning cache
 
     def forward(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None) -> MapperOutput:
         return self.mapper(t, l, truncation)
@@ -118,11 +121,12 @@ class Concept(nn.Module):
         state = {k: v.clone() for k, v in self.mapper.state_dict().items()}
         state["output_layer.weight"] = state["output_layer.weight"][:, :keep_units].contiguous()
         small.mapper.load_state_dict(state)
-        return small
+        return small.train(self.training)
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
         """Write the concept atomically as one safetensors file (fp32, or fp16 at about half the size)."""
-        tensors = {f"mapper.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in self.mapper.state_dict().items()}
+        tensors = {f"mapper.{k}": v.detach().to("cpu", torch.float32 if k == "encoding.frequencies" else dtype)
+                   .contiguous() for k, v in self.mapper.state_dict().items()}  # frequencies stay exact
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
     @classmethod
@@ -154,7 +158,7 @@ class Concept(nn.Module):
             concept.mapper.load_state_dict(state)
         except RuntimeError as exc:
             raise ValueError(f"{str(path)!r} does not match its own config: {exc}") from None
-        return concept
+        return concept.eval()
 
 
 def file_info(path: str | os.PathLike) -> dict:
@@ -247,6 +251,7 @@ def import_official(mapper_path: str | os.PathLike, embeds_path: str | os.PathLi
                       layer_names, str(model_cfg.get("pretrained_model_name_or_path", "")),
                       int(steps.group(1)) if steps else 0)
     concept.mapper.load_state_dict(state)
+    concept.eval()
     logger.info("imported official checkpoint %s as %s", mapper_path, concept.describe())
     return concept
 

@@ -227,4 +227,5 @@ def _slot_rows(prompts: Sequence[TokenizedPrompt], prompt_index: torch.Tensor, t
 
 def _identity(concepts: Mapping[str, nn.Module]) -> tuple:
     """Who the concepts are and how often their weights changed (in-place updates bump a tensor's version)."""
-    return tuple(sorted((tok, id(c), tuple(p._version for p in c.parameters())) for tok, c in concepts.items()))
+    return tuple(sorted((tok, getattr(c, "uid", id(c)), tuple(t._version for t in c.state_dict(keep_vars=True).values()))
+                        for tok, c in concepts.items()))

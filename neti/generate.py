@@ -13,6 +13,7 @@ classifier-free guidance share one UNet call and all images of a call share one 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from .conditioning import Encoding, TextConditioner, format_prompt
 from .config import DEFAULT_BYPASS_ALPHA
 from .images import make_grid
 from .layers import cross_attention_layers, resolve_layer_names
+from .mapper import check_truncation
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,8 @@ class Generator:
         import diffusers
 
         cls = getattr(diffusers, SCHEDULERS[name])
-        return cls.from_config(self.pipe.scheduler.config)
+        extra = {"clip_sample": False} if name == "ddim" else {}  # SD's own DDIM setting
+        return cls.from_config(self.pipe.scheduler.config, **extra)
 
     def prepare(self, prompt: str, concepts: Sequence[Concept]) -> tuple:
         concepts = list(concepts)
@@ -129,12 +132,15 @@ class Generator:
         for c in concepts:
             c.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model")
         text = format_prompt(prompt, tokens)
-        return self.conditioner.tokenize(text, tokens), {c.token: c.eval() for c in concepts}, text
+        return self.conditioner.tokenize(text, tokens), {c.token: c for c in concepts}, text
 
     def encode(self, prompt: str, concepts: Sequence[Concept], mapper_timesteps: Sequence[float],
-               truncation: int | None, alpha: float) -> Encoding:
+               truncation: int | None, alpha: float, fill: Concept | None = None) -> Encoding:
+        """(T, L, S, D) encodings; `fill` puts another concept in the slot of the (single) concept."""
         tokenized, by_token, _ = self.prepare(prompt, concepts)
-        with torch.no_grad():
+        if fill is not None:
+            by_token = {token: fill for token in by_token}
+        with inference(by_token.values()):
             return self.conditioner.encode_grid(tokenized, by_token, mapper_timesteps, self.num_layers,
                                                 truncation, alpha)
 
@@ -187,6 +193,7 @@ class Generator:
         """One image per seed, all in one batch."""
         seeds = check_seeds(seeds)
         _check_alpha(alpha)
+        check_truncation(truncation)
         encoding = self.encode(prompt, concepts, self.timesteps(sampling), truncation, alpha)
         base = self._settings(prompt, concepts, truncation, alpha)
         return self.render([Row(encoding, s, dict(base)) for s in seeds], sampling, output_type)
@@ -197,6 +204,8 @@ class Generator:
         seeds, truncations = check_seeds(seeds), list(truncations)
         if not truncations:
             raise ValueError("give at least one truncation value for the sweep")
+        for k in truncations:
+            check_truncation(k)
         _check_alpha(alpha)
         timesteps = self.timesteps(sampling)
         rows = []
@@ -214,6 +223,7 @@ class Generator:
         """Per-timestep decomposition (Fig. 12): for each fixed t, M(t, l) feeds every denoising step."""
         seed = check_seeds([seed])[0]
         _check_alpha(alpha)
+        check_truncation(truncation)
         steps = len(self.timesteps(sampling))
         rows = []
         for t in fixed_timesteps:
@@ -236,14 +246,12 @@ class Generator:
         """
         seeds = check_seeds(seeds)
         _check_alpha(alpha)
+        check_truncation(truncation)
         geometry_idx = resolve_layer_names(self.layers, list(geometry_layers))
         appearance.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model")
         timesteps = self.timesteps(sampling)
         geo = self.encode(prompt, [geometry], timesteps, truncation, alpha)
-        tokenized, _, _ = self.prepare(prompt, [geometry])
-        with torch.no_grad():  # the appearance concept fills the same slot as the geometry concept
-            app = self.conditioner.encode_grid(tokenized, {geometry.token: appearance.eval()}, timesteps,
-                                               self.num_layers, truncation, alpha)
+        app = self.encode(prompt, [geometry], timesteps, truncation, alpha, fill=appearance)
         is_geometry_layer = torch.zeros(self.num_layers, dtype=torch.bool)
         is_geometry_layer[geometry_idx] = True
         rows = []
@@ -261,6 +269,21 @@ class Generator:
         result = self.render(rows, sampling)
         result.grid = make_grid(result.images, len(starts), len(seeds))
         return result
+
+
+@contextmanager
+def inference(concepts):
+    """Evaluate concepts without gradients and without nested dropout, restoring their modes afterwards."""
+    concepts = list(concepts)
+    modes = [c.training for c in concepts]
+    try:
+        with torch.no_grad():
+            for c in concepts:
+                c.eval()
+            yield
+    finally:
+        for c, mode in zip(concepts, modes):
+            c.train(mode)
 
 
 def _check_alpha(alpha: float) -> None:

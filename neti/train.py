@@ -270,11 +270,13 @@ class Trainer:
                      for l in range(num_layers)]
             keys = torch.stack([p.keys for p in parts], dim=1)
             values = torch.stack([p.values for p in parts], dim=1)
-        else:
-            rows = torch.arange(batch).repeat_interleave(num_layers)
-            enc = self.conditioner.encode_rows(tokenized, rows, timesteps.float().repeat_interleave(num_layers),
-                                               torch.arange(num_layers).repeat(batch).float(), concepts, truncation)
-            keys, values = (x.view(batch, num_layers, *x.shape[1:]) for x in (enc.keys, enc.values))
+        else:  # all layers of all samples in one pass; once per sample if the concept ignores the layer (TI)
+            per = num_layers if self.concept.depends_on_layer else 1
+            rows = torch.arange(batch).repeat_interleave(per)
+            enc = self.conditioner.encode_rows(tokenized, rows, timesteps.float().repeat_interleave(per),
+                                               torch.arange(per).repeat(batch).float(), concepts, truncation)
+            keys, values = (x.view(batch, per, *x.shape[1:]).expand(-1, num_layers, -1, -1)
+                            for x in (enc.keys, enc.values))
         return pack(keys, values)
 
     def loss(self, batch: Batch) -> torch.Tensor:

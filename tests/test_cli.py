@@ -1,0 +1,96 @@
+"""`python -m neti`: every subcommand writes what it says, and bad input exits 2 with a readable message."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neti.__main__ import main
+from neti.concept import Concept
+from neti.images import read_settings
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A concept trained for 2 steps through the CLI, with previews and a checkpoint."""
+    root = tmp_path_factory.mktemp("cli")
+    folder = root / "photos"
+    folder.mkdir()
+    for i in range(3):
+        pixels = np.full((32, 32, 3), (40 * i, 90, 200), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = root / "concepts" / "thing.safetensors"
+    code = main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--images", str(folder),
+                 "--token", "<thing>", "--init-token", "cat", "--steps", "2", "--grad-accum", "1",
+                 "--checkpoint-every", "1", "--preview-every", "2", "--preview-seed", "3", "--out", str(out)])
+    assert code == 0
+    return root, out
+
+
+def test_train_writes_the_concept_previews_and_checkpoints(trained):
+    root, out = trained
+    assert Concept.load(out).train_steps == 2
+    previews = sorted(p.name for p in (root / "concepts" / "thing-previews").iterdir())
+    assert previews == ["step-000000.png", "step-000002.png"]
+    assert read_settings(root / "concepts" / "thing-previews" / "step-000002.png")["seeds"] == [3]
+    assert [p.name for p in (root / "concepts" / "thing-checkpoints").iterdir()] == ["checkpoint-000001.safetensors"]
+
+
+def test_info_prints_metadata_parameters_and_size(trained, capsys):
+    _, out = trained
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["token"] == "<thing>" and info["method"] == "neti" and info["train_steps"] == "2"
+    assert int(info["num_parameters"]) == Concept.load(out).num_parameters
+    assert info["file_size_bytes"] == out.stat().st_size
+
+
+def test_generate_writes_pngs_that_carry_their_settings(trained, tiny_model_dir, tmp_path):
+    _, out = trained
+    assert main(["generate", "--model", str(tiny_model_dir), "--device", "cpu", "--concept", str(out),
+                 "--prompt", "a photo of a {}", "--seeds", "4", "5", "--steps", "2", "--truncation", "8",
+                 "--out", str(tmp_path)]) == 0
+    files = sorted(tmp_path.glob("image-*.png"))
+    assert [f.name for f in files] == ["image-00-seed4.png", "image-01-seed5.png"]
+    settings = read_settings(files[1])
+    assert settings["seed"] == 5 and settings["truncation"] == 8 and settings["concepts"] == ["<thing>"]
+    assert settings["scheduler"] == "dpm" and settings["steps"] == 2 and settings["alpha"] == 0.2
+
+
+def test_sweep_mix_and_decompose_write_grids(trained, tiny_model_dir, tmp_path):
+    _, out = trained
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompt", "a photo of a {}", "--steps", "2",
+              "--out", str(tmp_path)]
+    assert main(["generate", "--concept", str(out), "--seeds", "0", "1", "--sweep", "4", "128", *common]) == 0
+    assert Image.open(tmp_path / "sweep-grid.png").size == (2 * 32 + 2, 2 * 32 + 2)
+    assert main(["mix", "--geometry", str(out), "--appearance", str(out), "--starts", "600", "900", *common]) == 0
+    assert len(list(tmp_path.glob("mix-0*.png"))) == 2
+    assert main(["decompose", "--concept", str(out), "--timesteps", "999", "0", *common]) == 0
+    assert Image.open(tmp_path / "decompose-grid.png").size == (2 * 32 + 2, 32)
+
+
+def test_export_fp16_truncated_and_textual_inversion(trained, tmp_path):
+    _, out = trained
+    assert main(["export", str(out), "--out", str(tmp_path / "half.safetensors"), "--fp16"]) == 0
+    assert (tmp_path / "half.safetensors").stat().st_size < 0.55 * out.stat().st_size
+    assert main(["export", str(out), "--out", str(tmp_path / "k8.safetensors"), "--keep-units", "8"]) == 0
+    assert Concept.load(tmp_path / "k8.safetensors").config.kept_units == 8
+    assert main(["export", str(out), "--out", str(tmp_path / "ti.safetensors"), "--as", "textual-inversion"]) == 0
+    from safetensors.torch import load_file
+
+    assert list(load_file(tmp_path / "ti.safetensors")) == ["<thing>"]
+
+
+def test_bad_input_exits_2_with_a_readable_message(trained, tiny_model_dir, tmp_path, capsys):
+    _, out = trained
+    assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_model_dir), "--device", "cpu", "--concept", str(out),
+                 "--prompt", "a photo of a cat", "--steps", "2", "--out", str(tmp_path)]) == 2
+    assert "does not contain the concept's token" in capsys.readouterr().err
+    assert main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--images", str(tmp_path),
+                 "--token", "<x>", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
