@@ -237,6 +237,14 @@ class Trainer:
                                      num_warmup_steps=cfg.lr_warmup_steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(self.concept, optimizer, lr_scheduler)
 
+    @property
+    def process_index(self) -> int:
+        return self._accelerator.process_index if self._accelerator is not None else 0
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
     def cancel(self) -> None:
         """Ask the loop to stop after the current micro-batch; the concept is saved with its step count."""
         self._cancel.set()
@@ -248,7 +256,7 @@ class Trainer:
     # ---- one micro-batch -------------------------------------------------------------------------------------
     def make_batch(self, micro_step: int) -> Batch:
         """The data, noise and timesteps of micro-batch `micro_step`: a function of (seed, micro_step) only."""
-        g = torch.Generator().manual_seed(_seed_for(self.config.seed, micro_step))
+        g = torch.Generator().manual_seed(_seed_for(self.config.seed + 7919 * self.process_index, micro_step))
         indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist()
         items = [self.dataset[i] for i in indices]
         pixels = torch.stack([it["pixel_values"] for it in items])
@@ -314,7 +322,7 @@ class Trainer:
         losses: list[float] = []
         self.concept.train()
         try:
-            if cfg.preview_every and self.step == 0:
+            if cfg.preview_every and self.step == 0 and self.is_main_process:
                 self.preview()
             while self.step < cfg.steps and not self.cancelled:
                 started = time.perf_counter()
@@ -322,7 +330,7 @@ class Trainer:
                 for micro in range(cfg.grad_accum):
                     micro_step = self.step * cfg.grad_accum + micro
                     with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(_seed_for(cfg.seed, micro_step) + 1)  # nested dropout draws
+                        torch.manual_seed(_seed_for(cfg.seed + 7919 * self.process_index, micro_step) + 1)  # dropout
                         loss = self.loss(self.make_batch(micro_step))
                         self._accelerator.backward(loss / cfg.grad_accum)
                     step_loss += float(loss.detach()) / cfg.grad_accum
@@ -339,13 +347,16 @@ class Trainer:
                                              "learning rate or turn mixed precision off")
                 for cb in self.callbacks:
                     cb.on_step(info)
+                if not self.is_main_process:  # other processes only compute gradients
+                    continue
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint(out_path)
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
                     self.preview()
         finally:  # finished, cancelled or crashed: the concept so far is saved
             self.concept.eval()
-            self.concept.save(out_path)
+            if self.is_main_process:
+                self.concept.save(out_path)
             logger.info("saved %s after %d steps to %s", self.concept.token, self.step, out_path)
         return TrainResult(self.concept, out_path, self.step, self.cancelled, losses)
 
