@@ -1,0 +1,226 @@
+"""The app over its HTTP API: `python app.py` on a free port, driven by `gradio_client`, on a tiny random model.
+
+Each tab's main action is called as a browser would call it (generate, sweep, style mix and its strip,
+decomposition, training, import/export, rename/delete), and every library error must come back as a readable
+message rather than a stack trace.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app_server import REPO, AppServer, build_tiny_model
+from test_concept import official_checkpoint  # noqa: F401  (fixture: an official NeTI checkpoint)
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+EXAMPLE = REPO / "assets" / "examples" / "dotted-crescent"
+
+
+def tiny_concept(token: str, seed: int):
+    """A random NeTI concept for the tiny model (token width 32, 16 layers), built without loading the model."""
+    from neti.concept import Concept
+    from neti.config import MapperConfig
+
+    return Concept(token, "shape", MapperConfig(token_dim=32, num_layers=16, target_norm=0.5, seed=seed,
+                                                hidden_dim=16, kept_units=16, num_frequencies=64), (), "tiny", 7)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    model = build_tiny_model(root)
+    concepts, shipped = root / "concepts", root / "shipped"
+    shipped.mkdir()
+    concepts.mkdir()
+    tiny_concept("<alpha>", 1).save(concepts / "alpha.safetensors")
+    tiny_concept("<beta>", 2).save(concepts / "beta.safetensors")
+    tiny_concept("<shipped>", 3).save(shipped / "shipped-one.safetensors")
+    server = AppServer(model, concepts, root / "app.log", extra_args=["--shipped-concepts-dir", str(shipped)])
+    client = Client(server.url, verbose=False)
+    client.concepts_dir = concepts
+    client.server = server
+    yield client
+    server.stop()
+
+
+def call(client, api_name, *args):
+    return client.predict(*args, api_name=api_name)
+
+
+def error_of(client, api_name, *args) -> str:
+    with pytest.raises(AppError) as info:
+        call(client, api_name, *args)
+    message = str(info.value)
+    assert "Traceback" not in message
+    return message
+
+
+GEN = dict(negative="", num_images=2, seed=5, random_seed=False, steps=2, guidance=7.5, scheduler="dpm")
+
+
+def test_app_serves_the_page_quickly(app):
+    print(f"start-up to served page: {app.server.startup_seconds:.1f} s")
+    assert app.server.startup_seconds < 90
+
+
+def test_generate_returns_pngs_with_settings_and_the_seed_in_each_caption(app):
+    from neti.images import read_settings
+
+    images, files = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, 0.2)
+    assert [item["caption"] for item in images] == ["seed 5 · truncation 8", "seed 6 · truncation 8"]
+    settings = read_settings(files[0])
+    assert settings["seed"] == 5 and settings["truncation"] == 8 and settings["concepts"] == ["<alpha>"]
+    assert Image.open(files[0]).size == (32, 32)
+
+
+def test_random_seed_is_drawn_and_shown(app):
+    images, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, True, 2, 7.5, "dpm", 129, 0.2)
+    assert images[0]["caption"].startswith("seed ") and images[0]["caption"].endswith("truncation full")
+
+
+def test_sweep_grid_has_a_row_per_truncation_and_a_column_per_seed(app):
+    grid, images, files = call(app, "/sweep", ["alpha"], "a photo of a {}", *GEN.values(), "2, 16, full", 0.2)
+    assert len(images) == 6 and images[0]["caption"] == "truncation 2 · seed 5"
+    assert Image.open(grid).size == (2 * 32 + 2, 3 * 32 + 4)
+
+
+def test_style_mix_and_the_strip_of_four_starts(app):
+    args = ["alpha", "beta", "a photo of a {}", "IN07 IN08 MID"]
+    mixed, _ = call(app, "/mix", *args, 700, 0, False, 2, 7.5, "dpm")
+    assert len(mixed) == 1 and mixed[0]["caption"] == "start t=700 · seed 0"
+    strip, files = call(app, "/mix_strip", *args, 0, False, 2, 7.5, "dpm")
+    assert [s["caption"].split(" · ")[0] for s in strip] == [f"start t={t}" for t in (600, 700, 800, 900)]
+    msg = error_of(app, "/mix", "alpha", "beta", "a photo of a {}", "IN99", 700, 0, False, 2, 7.5, "dpm")
+    assert "unknown layer name 'IN99'" in msg
+
+
+def test_decomposition_renders_one_image_per_fixed_timestep(app):
+    images = call(app, "/decompose", "alpha", "a photo of a {}", 0, 2)
+    assert [i["caption"] for i in images] == [f"t = {t} · seed 0" for t in (999, 800, 600, 400, 200, 0)]
+
+
+def test_concept_card_names_token_method_steps_and_size(app):
+    card = call(app, "/concept_card", "alpha")
+    assert "<alpha>" in card and "neti" in card and "file size" in card and "parameters" in card
+
+
+def test_library_errors_reach_the_user_as_readable_messages(app):
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2)
+    assert "does not contain the concept's token" in msg
+    msg = error_of(app, "/load_model", "no-such-org/no-such-model")
+    assert "could not load base model" in msg
+    assert "no concept named" in error_of(app, "/concept_card", "gamma")
+    msg = error_of(app, "/train_start", [handle_file(EXAMPLE / "0.png")], "x", "photo", "shape", "NeTI", 5, 0, True,
+                   True, "a photo of a {}", 0, 0)
+    assert "already in the tokenizer's vocabulary" in msg
+
+
+def test_names_that_escape_the_concepts_folder_are_refused(app):
+    for bad in ("../escape", "/etc/passwd", "a/b", "..", "sub\\dir"):
+        assert "not allowed" in error_of(app, "/rename", "alpha", bad, [], "alpha", "beta")
+        assert "not allowed" in error_of(app, "/concept_card", bad)
+    assert sorted(p.name for p in app.concepts_dir.iterdir()) == ["alpha.safetensors", "beta.safetensors"]
+
+
+def test_upload_check_accepts_images_by_content_and_names_each_rejected_file(app, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is text, not a picture")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    renamed = tmp_path / "photo.txt"  # content decides, not the extension
+    renamed.write_bytes((EXAMPLE / "0.png").read_bytes())
+    thumbs, message = call(app, "/check_uploads", [handle_file(p) for p in (EXAMPLE / "1.png", fake, empty, renamed)])
+    assert len(thumbs) == 2 and "2 image(s) ready" in message
+    assert "notes.png: not usable as an image" in message and "empty.png: empty file (0 bytes)" in message
+    _, message = call(app, "/check_uploads", [handle_file(EXAMPLE / "0.png")] * 21)
+    assert "21 files uploaded, but at most 20" in message
+
+
+def test_training_runs_in_the_background_refuses_a_second_job_and_saves_on_stop(app):
+    images = [handle_file(EXAMPLE / f"{i}.png") for i in range(4)]
+    started = call(app, "/train_start", images, "trained", "<trained>", "shape", "NeTI", 500, None, True, True,
+                   "a photo of a {}", 5, 0)
+    assert "Started training trained" in started
+    msg = error_of(app, "/train_start", images, "other", "<other>", "shape", "NeTI", 5, None, True, True,
+                   "a photo of a {}", 0, 0)
+    assert "already running" in msg and "'trained'" in msg and "/500" in msg
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status = call(app, "/train_status")
+        if status["step"] >= 6 and 5 in status["preview_steps"]:
+            break
+        time.sleep(0.5)
+    assert status["status"] == "running" and status["preview_steps"][:2] == [0, 5]
+    assert len(status["smoothed"]) == len(status["losses"]) >= 6 and status["eta_seconds"] > 0
+    assert "switch the base model" in error_of(app, "/load_model", "/tmp")
+    during, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", 129, 0.2)
+    assert len(during) == 1  # generation runs while the training does
+    call(app, "/train_stop")
+    deadline = time.time() + 60
+    while call(app, "/train_status")["status"] != "stopped" and time.time() < deadline:
+        time.sleep(0.5)
+    status = call(app, "/train_status")
+    assert status["status"] == "stopped" and 6 <= status["step"] < 500
+    card = call(app, "/concept_card", "trained")
+    assert "<trained>" in card and f"`{status['step']}`" in card
+    images_out, _ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), 129, 0.2)
+    assert len(images_out) == 2
+
+
+def test_rename_delete_and_shipped_concepts_are_read_only(app):
+    out = call(app, "/rename", "beta", "beta-2", [], "alpha", "beta")
+    assert out[0] == "Renamed 'beta' to 'beta-2'." and "beta-2" in [c[1] for c in out[4]["choices"]]
+    assert (app.concepts_dir / "beta-2.safetensors").is_file() and not (app.concepts_dir / "beta.safetensors").exists()
+    assert "already exists" in error_of(app, "/rename", "beta-2", "alpha", [], "alpha", "beta-2")
+    assert "read-only" in error_of(app, "/delete", "shipped-one", [], "alpha", "beta-2")
+    out = call(app, "/delete", "beta-2", [], "alpha", "beta-2")
+    assert "beta-2" not in [c[1] for c in out[4]["choices"]] and "shipped-one" in [c[1] for c in out[4]["choices"]]
+
+
+def test_import_official_checkpoint_then_export_as_textual_inversion(app, official_checkpoint):  # noqa: F811
+    from safetensors.torch import load_file
+
+    mapper, embeds, _ = official_checkpoint
+    out = call(app, "/import_official", handle_file(mapper), handle_file(embeds), "official", [], "alpha", "alpha",
+               "alpha")
+    assert out[0] == "Imported as 'official'." and "official" in [c[1] for c in out[1]["choices"]]
+    path = call(app, "/export_textual_inversion", "official")
+    assert list(load_file(path)) == ["<x>"] and Path(path).name == "official-textual-inversion.safetensors"
+    assert "not an official NeTI mapper checkpoint" in error_of(
+        app, "/import_official", handle_file(EXAMPLE / "0.png"), None, "", [], "alpha", "alpha", "alpha")
+
+
+# ---- the service layer without a server ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["", "  ", "..", "../x", "a/b", "a\\b", "/abs", ".hidden", "-flag", "x" * 81])
+def test_concept_names_must_be_plain_file_stems(bad):
+    from neti.studio import check_name
+
+    with pytest.raises(ValueError, match="concept name"):
+        check_name(bad)
+
+
+def test_concept_names_and_tokens():
+    from neti.studio import check_name, name_from_token
+
+    assert check_name(" my cat.safetensors ") == "my cat"
+    assert name_from_token("<dotted-crescent>") == "dotted-crescent" and name_from_token("<>") == "concept"
+
+
+def test_snapshot_smooths_the_loss_and_estimates_time_left():
+    from neti.studio import LOSS_EMA, TrainingManager
+    from neti.train import StepInfo
+
+    manager = TrainingManager()
+    for step, loss in enumerate([1.0, 0.0, 0.0], start=1):
+        manager._record_step(StepInfo(step, 10, loss, 1e-3, 2.0))
+    snap = manager.snapshot()
+    assert snap.losses == (1.0, 0.0, 0.0) and snap.smoothed == pytest.approx((1.0, LOSS_EMA, LOSS_EMA ** 2))
+    assert snap.step == 3 and snap.eta_seconds == pytest.approx(7 * 2.0)

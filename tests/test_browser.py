@@ -1,0 +1,203 @@
+"""The app in a real browser: headless Debian chromium driven by Playwright against `python app.py`.
+
+Uploads four of a bundled example's images through the file input, trains about 20 steps, watches loss points
+and a preview appear, stops, generates the concept at truncation 8 and at full truncation (the images must
+differ), runs a style-mix strip and a decomposition, and saves a screenshot of each tab to
+artifacts/screenshots/. Bad uploads (a text file named .png, an empty file, too many files) must each show
+their message in the page. Runs on the bundled toy model when it is there, else on a tiny random model
+($NETI_BROWSER_MODEL overrides).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from app_server import REPO, AppServer, build_tiny_model
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+EXAMPLE = REPO / "assets" / "examples" / "dotted-crescent"
+BUNDLED = REPO / "assets" / "toy-sd"
+SHOTS = REPO / "artifacts" / "screenshots"
+TRAIN_STEPS = 20
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium "
+                       "(apt-get install -y chromium; .ci/run installs it)"),
+]
+
+
+def random_concept(model: Path, token: str):
+    """A random NeTI concept sized for `model` (its token width, 16 layers), for the style mix's second concept."""
+    from neti.concept import Concept
+    from neti.config import MapperConfig
+
+    width = json.loads((model / "text_encoder" / "config.json").read_text())["hidden_size"]
+    return Concept(token, "shape", MapperConfig(token_dim=width, num_layers=16, target_norm=0.5, seed=3,
+                                                hidden_dim=32, kept_units=32, num_frequencies=64), (), "random", 1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    if os.environ.get("NETI_BROWSER_MODEL"):  # e.g. a toy-shaped folder, to time the test on another model
+        model = Path(os.environ["NETI_BROWSER_MODEL"])
+    else:
+        model = BUNDLED if (BUNDLED / "model_index.json").is_file() else build_tiny_model(root)
+    shipped = root / "shipped"
+    shipped.mkdir()
+    random_concept(model, "<other>").save(shipped / "other.safetensors")
+    server = AppServer(model, root / "concepts", root / "app.log", extra_args=["--shipped-concepts-dir", str(shipped)])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(server.url)
+        page.wait_for_selector("#model-status :text('Base model')")
+        yield page
+        browser.close()
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def upload(page, files) -> str:
+    page.locator("#train-uploads input[type=file]").set_input_files([str(f) for f in files])
+    status = page.locator("#upload-status")
+    status.locator("p").first.wait_for()
+    return status.inner_text()
+
+
+def clear_uploads(page) -> None:
+    button = page.locator("#train-uploads").get_by_label("Clear")
+    if button.count():
+        button.first.click()
+        page.wait_for_function("!document.querySelector('#upload-status').innerText.trim()")
+
+
+def set_number(page, selector: str, value) -> None:
+    box = page.locator(f"{selector} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def wait_for_dropdown(page, selector: str, text: str) -> None:
+    page.wait_for_function(f"document.querySelector('{selector} input').value.includes('{text}')")
+
+
+def gallery_image(page, selector: str, previous: bytes | None = None, count: int = 1) -> list[bytes]:
+    """The images of a gallery once it shows `count` of them (and, if given, something other than `previous`)."""
+    images = page.locator(f"{selector} img")
+    page.wait_for_function(f"document.querySelectorAll('{selector} img').length >= {count}")
+    for _ in range(240):
+        data = [page.request.get(images.nth(i).get_attribute("src")).body() for i in range(count)]
+        if previous is None or data[0] != previous:
+            return data
+        page.wait_for_timeout(500)
+    raise AssertionError(f"{selector} did not change")
+
+
+def pixels(png: bytes):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def test_bad_uploads_each_show_their_message(page, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("just some text, not a picture")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = upload(page, [fake, empty, EXAMPLE / "0.png"])
+    assert "notes.png: not usable as an image" in text and "empty.png: empty file (0 bytes)" in text
+    assert "1 image(s) ready" in text
+    clear_uploads(page)
+    many = [tmp_path / f"copy-{i}.png" for i in range(21)]
+    for f in many:
+        f.write_bytes((EXAMPLE / "0.png").read_bytes())
+    assert "21 files uploaded, but at most 20" in upload(page, many)
+    clear_uploads(page)
+
+
+def test_train_watch_stop_generate_mix_and_explore(page):
+    # ---- Train: four photos through the file input, ~20 steps, live loss and previews, stop
+    text = upload(page, [EXAMPLE / f"{i}.png" for i in range(4)])
+    assert "4 image(s) ready" in text
+    assert page.locator("#train-thumbs img").count() == 4
+    page.get_by_label("Token").fill("<crescent>")
+    page.get_by_label("Super-category (one word)").fill("shape")
+    page.get_by_label("Concept name").fill("crescent")
+    set_number(page, "#train-steps", 500)
+    set_number(page, "#train-preview-every", 10)
+    page.get_by_label("Preview prompts (one per line, {} is the concept)").fill("a photo of a {}")
+    page.locator("#train-start").click()
+    page.wait_for_selector("#train-message :text('Started training crescent')")
+    page.wait_for_function("""() => { const m = document.querySelector('#train-status').innerText.match(/step (\\d+)\\//);
+                              return m && +m[1] >= %d; }""" % TRAIN_STEPS, timeout=180_000)
+    assert page.locator("#train-previews img").count() >= 1  # the step-0 preview at least
+    assert page.locator("#loss-plot canvas, #loss-plot svg path, #loss-plot svg .mark-symbol").count() >= 1
+    status = page.locator("#train-status").inner_text()
+    assert re.search(r"loss \d\.\d+ \(smoothed \d\.\d+\)", status) and "s/step" in status and "left" in status
+    shot(page, "train-running")
+    page.reload()  # the job runs on the server: a reloaded page reconnects to it
+    page.wait_for_selector("#train-status :text('crescent')")
+    assert "running" in page.locator("#train-status").inner_text()
+    page.locator("#train-stop").click()
+    page.wait_for_selector("#train-status :text('stopped')", timeout=120_000)
+    assert "Saved as concept 'crescent'" in page.locator("#train-status").inner_text()
+    shot(page, "train")
+
+    # ---- Generate: the new concept is selected without a reload; truncation 8 vs full differ
+    tab(page, "Generate")
+    page.wait_for_selector("#gen-concepts :text('crescent')")
+    set_number(page, "#gen-images", 1)
+    set_number(page, "#gen-steps", 10)
+    set_number(page, "#gen-truncation", 8)
+    page.locator("#gen-button").click()
+    truncated = gallery_image(page, "#gen-gallery")[0]
+    set_number(page, "#gen-truncation", 129)
+    page.locator("#gen-button").click()
+    full = gallery_image(page, "#gen-gallery", previous=truncated)[0]
+    assert abs(pixels(truncated) - pixels(full)).mean() > 0.5
+    assert "seed 0" in page.locator("#gen-gallery").inner_text()
+    shot(page, "generate")
+
+    # ---- Style Mix: the strip of starts 600, 700, 800, 900
+    tab(page, "Style Mix")
+    wait_for_dropdown(page, "#mix-geometry", "crescent")
+    set_number(page, "#mix-steps", 10)
+    page.locator("#strip-button").click()
+    assert len(gallery_image(page, "#mix-gallery", count=4)) == 4
+    assert "start t=900" in page.locator("#mix-gallery").inner_text()
+    shot(page, "style-mix")
+
+    # ---- Explore: concept card and the per-timestep decomposition
+    tab(page, "Explore")
+    wait_for_dropdown(page, "#explore-concept", "crescent")
+    page.wait_for_selector("#concept-card :text('<crescent>')")
+    set_number(page, "#decompose-steps", 10)
+    page.locator("#decompose-button").click()
+    assert len(gallery_image(page, "#decompose-gallery", count=6)) == 6
+    shot(page, "explore")
