@@ -110,6 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print a concept's metadata, parameter count and file size")
     p.add_argument("concept")
+
+    p = sub.add_parser("eval", help="CLIP image and text similarity of concepts (Textual Inversion's protocol)",
+                       description="Render each concept on a prompt set and seeds (cached, resumable), score "
+                       "image similarity to its training images and text similarity to the prompt without the "
+                       "concept, and write results.json, results.csv and plot.png (NeTI Fig. 9).")
+    _model_args(p)
+    p.add_argument("--concept", action="append", required=True, help="concept file (repeatable)")
+    p.add_argument("--images-for", action="append", default=[], metavar="NAME=FOLDER",
+                   help="a concept's training images; NAME is the concept's file stem, path or token (repeatable)")
+    p.add_argument("--images", default=None, help="training images for the concepts without --images-for")
+    p.add_argument("--label", action="append", default=[], metavar="NAME=LABEL",
+                   help="group label (default: method and steps, e.g. 'NeTI 500'); a group's concepts are averaged")
+    p.add_argument("--clip", default="openai/clip-vit-base-patch32",
+                   help="CLIPModel hub id or local folder (offline: assets/toy-clip, the bundled toy CLIP)")
+    p.add_argument("--prompts", default="toy", help="'toy' (the bundled model's words), 'paper' (NeTI's 15) or "
+                   "a text file with one prompt per line, {} for the concept")
+    p.add_argument("--seeds", type=int, default=8, help="number of seeds, 0..N-1 (the paper: 32)")
+    p.add_argument("--sweep", type=int, nargs="*", default=[], help="truncation values k for the sweep")
+    p.add_argument("--sweep-for", action="append", default=None, metavar="NAME",
+                   help="render the sweep for these concepts only (default: every NeTI concept)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default="dpm")
+    p.add_argument("--alpha", type=float, default=0.2, help="textual-bypass strength (0 = off)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generator call")
+    p.add_argument("--out", default="runs/eval", help="folder for results and the image cache (OUT/cache)")
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -245,8 +272,31 @@ def cmd_info(args) -> None:
     print(json.dumps(file_info(args.concept), indent=2))
 
 
+def cmd_eval(args) -> None:
+    from . import evaluate as ev
+    from .generate import Sampling
+    from .models import resolve_device
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds is a count and must be >= 1, got {args.seeds}")
+    entries = ev.build_entries(args.concept, ev.parse_assignments(args.images_for, "--images-for"), args.images,
+                               ev.parse_assignments(args.label, "--label"), args.sweep_for)
+    config = ev.EvalConfig(prompts=ev.load_prompts(args.prompts), seeds=tuple(range(args.seeds)),
+                           sweep=tuple(args.sweep), alpha=args.alpha, batch_size=args.batch_size,
+                           sampling=Sampling(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler))
+    judge = ev.ClipJudge.load(args.clip, device=resolve_device(args.device))
+    report = ev.evaluate(_generator(args), entries, judge, config, Path(args.out) / "cache",
+                         progress=not args.no_progress)
+    paths = ev.write_outputs(report, args.out)
+    print(ev.format_table(report.groups))
+    print(f"{report.generated} images generated, the rest from the cache")
+    for path in paths.values():
+        print(path)
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "mix": cmd_mix, "decompose": cmd_decompose,
-            "import-official": cmd_import, "export": cmd_export, "info": cmd_info}
+            "import-official": cmd_import, "export": cmd_export, "info": cmd_info,
+            "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

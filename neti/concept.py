@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "neti-studio-concept"
 FORMAT_VERSION = 1
 _UIDS = itertools.count()
+_UMASK = os.umask(0o022)  # read once at import (setting it is process-wide), then restored
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -41,9 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
