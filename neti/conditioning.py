@@ -158,10 +158,11 @@ class TextConditioner:
             if rows.numel() == 0:
                 continue
             unique, inverse = torch.unique(rows, return_inverse=True)
-            out = concept(t[unique.cpu()].to(device), l[unique.cpu()].to(device), truncation)
-            embeds = embeds.index_put((rows, pos), out.base[inverse].to(dtype))
+            where = _device_of(concept, device)  # the concept stays where its owner put it
+            out = concept(t[unique.cpu()].to(where), l[unique.cpu()].to(where), truncation)
+            embeds = embeds.index_put((rows, pos), out.base.to(device, dtype)[inverse])
             if out.bypass is not None and alpha != 0:
-                bypass_rows.append(rows), bypass_pos.append(pos), bypass_vec.append(out.bypass[inverse])
+                bypass_rows.append(rows), bypass_pos.append(pos), bypass_vec.append(out.bypass.to(device)[inverse])
         hidden = self._body(embeds)  # (N, S, D) before the final LayerNorm
         keys = parts.final_layer_norm(hidden)
         if not bypass_rows:
@@ -207,6 +208,11 @@ class TextConditioner:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else default
 
 
 def _slot_rows(prompts: Sequence[TokenizedPrompt], prompt_index: torch.Tensor, token: str):

@@ -220,6 +220,10 @@ class Trainer:
         device = self.pipe.device
         if cfg.mixed_precision == "fp16" and device.type != "cuda":
             raise ValueError("mixed_precision 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this device")
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
+            AcceleratorState._reset_state()  # a later trainer in this process may use another precision
         self._accelerator = accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
         lr = cfg.base_learning_rate()
         if cfg.scale_lr:
@@ -228,9 +232,6 @@ class Trainer:
         self.concept.to(accelerator.device)
         for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             module.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
-            self.pipe.text_encoder.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(self.concept.parameters(), lr=lr, betas=cfg.adam_betas,
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         lr_scheduler = get_scheduler("constant_with_warmup" if cfg.lr_warmup_steps else "constant", optimizer,
@@ -244,6 +245,18 @@ class Trainer:
     @property
     def is_main_process(self) -> bool:
         return self.process_index == 0
+
+    def _checkpointing(self, on: bool) -> None:
+        """Gradient checkpointing of the frozen UNet and text encoder, switched off again after training."""
+        unet, text_encoder = self.pipe.unet, self.pipe.text_encoder
+        if on:
+            unet.enable_gradient_checkpointing()
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder.train()  # transformers checkpoints only in training mode; CLIP has no dropout
+        elif getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()
+            text_encoder.gradient_checkpointing_disable()
+            text_encoder.eval()
 
     def cancel(self) -> None:
         """Ask the loop to stop after the current micro-batch; the concept is saved with its step count."""
@@ -321,6 +334,7 @@ class Trainer:
             self.load_checkpoint(resume)
         losses: list[float] = []
         self.concept.train()
+        self._checkpointing(cfg.gradient_checkpointing)
         try:
             if cfg.preview_every and self.step == 0 and self.is_main_process:
                 self.preview()
@@ -355,6 +369,7 @@ class Trainer:
                     self.preview()
         finally:  # finished, cancelled or crashed: the concept so far is saved
             self.concept.eval()
+            self._checkpointing(False)
             if self.is_main_process:
                 self.concept.save(out_path)
             logger.info("saved %s after %d steps to %s", self.concept.token, self.step, out_path)

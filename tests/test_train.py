@@ -218,3 +218,19 @@ def test_resuming_from_a_plain_concept_file_is_refused(tiny_pipe, images, tmp_pa
     with pytest.raises(ValueError, match="not a training checkpoint"):
         Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=2)).train(tmp_path / "e.safetensors",
                                                                          resume=tmp_path / "c.safetensors")
+
+
+def test_gradient_checkpointing_gives_the_same_weights_and_is_switched_off_afterwards(tiny_pipe, images, tmp_path):
+    plain = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=2)).train(tmp_path / "a.safetensors").concept
+    checkpointed = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=2, gradient_checkpointing=True))
+    result = checkpointed.train(tmp_path / "b.safetensors").concept
+    for (name, a), (_, b) in zip(plain.mapper.state_dict().items(), result.mapper.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not tiny_pipe.unet.is_gradient_checkpointing and not tiny_pipe.text_encoder.training
+
+
+def test_trainers_with_different_mixed_precision_can_follow_each_other(tiny_pipe, images, tmp_path):
+    Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=1)).train(tmp_path / "a.safetensors")
+    result = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=1, mixed_precision="bf16")).train(
+        tmp_path / "b.safetensors")
+    assert result.steps_done == 1 and math.isfinite(result.losses[0])

@@ -1,0 +1,258 @@
+"""GPU benchmark on a full-size SD-1.5-shaped pipeline with random weights (nothing is downloaded).
+
+    python benchmarks/gpu.py            # one command, ~5-8 minutes on an H100 / H200
+    python benchmarks/gpu.py --smoke    # a tiny shape on the CPU, to check the script itself
+
+Measures, for NeTI (all layers' conditioning in one batched text-encoder pass) and for the official per-layer
+conditioning loop (NeTI Sec. 4; `TrainConfig(per_layer_conditioning=True)` in training, one text-encoder call per
+(t, l) pair at inference):
+- training: optimisation steps per second and peak GPU memory, paper settings (batch 2, accumulation 4, 512 px),
+  in fp32 and in fp16 (frozen model in fp16, autocast; bf16 on the CPU) with and without gradient checkpointing;
+- generation: one 512-px image, 50 DPM-Solver steps, guidance 7.5, fp32 and fp16, NeTI vs the per-layer
+  conditioning vs diffusers' plain `StableDiffusionPipeline` on the same weights.
+Results go to $OUT/gpu-benchmark.json if $OUT is set, else benchmarks/results/, and are rewritten after every
+measurement, so a run cut short keeps what it measured. `--budget` seconds stops starting new measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (REPO_ROOT, choose_threads, environment, make_concept, median,  # noqa: E402
+                    official_loop_encoding, side_by_side)
+
+PROMPT = "a photo of a {}"
+
+
+def build_sd15(device: torch.device, smoke: bool):
+    """SD 1.5's architecture with random weights, built directly on `device` (the tiny test shape for --smoke)."""
+    from toyworld.sd_layout import SD15, SDShape, build_pipeline
+    from toyworld.tokenizer import build_clip_tokenizer
+    from toyworld.world import vocabulary
+
+    shape = SDShape(max_tokens=16) if smoke else SD15
+    tokenizer = build_clip_tokenizer(vocabulary(), tempfile.mkdtemp(prefix="gpu-bench-vocab-"),
+                                     max_length=shape.max_tokens)
+    with torch.device(device):
+        pipe = build_pipeline(shape, tokenizer, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), shape
+
+
+class Results:
+    def __init__(self, path: Path, env: dict, settings: dict):
+        self.path, self.data = path, {"environment": env, "settings": settings, "training": [], "generation": []}
+
+    def add(self, kind: str, row: dict) -> None:
+        self.data[kind].append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _fresh_accelerator_state() -> None:
+    """`neti.train.Trainer` creates an `Accelerator` per trainer, but accelerate keeps one process-wide state
+    that refuses a different mixed precision; reset it between configurations."""
+    try:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    except (ImportError, AttributeError):
+        pass
+
+
+def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: float) -> None:
+    from PIL import Image
+
+    from neti.train import TrainConfig, Trainer, TrainingCallback
+
+    device = pipe.device
+    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for _ in range(4)]
+    half_name = "fp16" if half == torch.float16 else "bf16"
+
+    class Steps(TrainingCallback):
+        def __init__(self):
+            self.seconds, self.losses = [], []
+
+        def on_step(self, info):
+            self.seconds.append(info.seconds_per_step)
+            self.losses.append(info.loss)
+
+    for precision in ("fp32", half_name):
+        pipe.to(torch.float32 if precision == "fp32" else half)
+        for checkpointing in (False, True):
+            for variant in ("NeTI", "NeTI per-layer"):
+                if time.perf_counter() > deadline:
+                    print(f"budget spent: skipping training {variant} {precision} checkpointing={checkpointing}")
+                    continue
+                _fresh_accelerator_state()
+                config = TrainConfig(steps=1 + args.train_steps, batch_size=2, grad_accum=args.grad_accum,
+                                     checkpoint_every=0, mixed_precision="no" if precision == "fp32" else precision,
+                                     gradient_checkpointing=checkpointing,
+                                     per_layer_conditioning=variant == "NeTI per-layer")
+                probe = Steps()
+                trainer = Trainer(pipe, images, "<bench>", "shape", config, "random SD 1.5 shape", [probe])
+                before = [p.detach().clone() for p in trainer.concept.parameters()]
+                row = dict(variant=variant, precision=precision, gradient_checkpointing=checkpointing,
+                           batch_size=2, grad_accum=args.grad_accum, resolution=res)
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                        base = torch.cuda.memory_allocated(device)
+                    trainer.train(Path(args.tmp) / "concept.safetensors")
+                    timed = probe.seconds[1:] or probe.seconds  # the first step warms up
+                    row.update(seconds_per_step=median(timed), steps_per_second=1 / median(timed),
+                               step_seconds=probe.seconds, losses=probe.losses,
+                               mapper_updated=any(not torch.equal(a, b.detach()) for a, b in
+                                                  zip(before, trainer.concept.parameters())))
+                    if device.type == "cuda":
+                        peak = torch.cuda.max_memory_allocated(device)
+                        row.update(peak_memory_gib=peak / 2**30, peak_extra_over_weights_gib=(peak - base) / 2**30)
+                except Exception as exc:  # record and go on: one failing configuration must not lose the rest
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                finally:
+                    if checkpointing:
+                        pipe.unet.disable_gradient_checkpointing()
+                        pipe.text_encoder.gradient_checkpointing_disable()
+                    del trainer
+                results.add("training", row)
+    pipe.to(torch.float32)
+
+
+def bench_generation(pipe, original: dict, args, results: Results, half: torch.dtype, deadline: float) -> None:
+    """`original`: diffusers' own attention processors of the UNet, for the plain pipeline."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from neti.generate import Generator, Row, Sampling
+
+    sampling = Sampling(steps=args.gen_steps, guidance=7.5)
+    device = pipe.device
+    half_name = "fp16" if half == torch.float16 else "bf16"
+    for precision in ("fp32", half_name):
+        if time.perf_counter() > deadline:
+            print(f"budget spent: skipping generation {precision}")
+            continue
+        pipe.to(torch.float32 if precision == "fp32" else half)
+        pipe.unet.set_attn_processor(dict(original))  # training installed NeTI's; start from diffusers' own
+        gen = Generator(pipe, "random SD 1.5 shape")
+        neti_processors = dict(pipe.unet.attn_processors)
+        concept = make_concept(pipe, "neti").to(device)
+        plain = StableDiffusionPipeline(**{**pipe.components,
+                                           "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)},
+                                        requires_safety_checker=False)
+        plain.set_progress_bar_config(disable=True)
+
+        def neti():
+            pipe.unet.set_attn_processor(dict(neti_processors))  # diffusers pops from the dict
+            gen.conditioner.clear_cache()
+            return gen.generate(PROMPT, [concept], [0], sampling)
+
+        def per_layer():
+            pipe.unet.set_attn_processor(dict(neti_processors))  # diffusers pops from the dict
+            tokenized, by_token, _ = gen.prepare(PROMPT, [concept])
+            with torch.no_grad():
+                enc = official_loop_encoding(gen.conditioner, tokenized, by_token, gen.timesteps(sampling),
+                                             gen.num_layers)
+            return gen.render([Row(enc, 0)], sampling)
+
+        def base():
+            pipe.unet.set_attn_processor(dict(original))
+            return plain(PROMPT.format("shape"), num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
+                         generator=torch.Generator("cpu").manual_seed(0))
+
+        row = dict(precision=precision, steps=sampling.steps, guidance=sampling.guidance,
+                   resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor, images=1)
+        try:
+            times = side_by_side({"neti": neti, "per_layer": per_layer, "plain": base}, args.gen_repeats,
+                                 warmup=0 if args.smoke else 1, device=device)
+            med = {k: median(v) for k, v in times.items()}
+            row.update(seconds={k: round(v, 4) for k, v in med.items()}, raw=times,
+                       neti_over_plain=med["neti"] / med["plain"], per_layer_over_neti=med["per_layer"] / med["neti"])
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            pipe.unet.set_attn_processor(dict(original))
+        results.add("generation", row)
+    pipe.to(torch.float32)
+
+
+def markdown(data: dict) -> str:
+    lines = ["| training | precision | grad. ckpt | steps/s | s/step | peak GiB | error |", "|---|---|---|---|---|---|---|"]
+    for r in data["training"]:
+        lines.append(f"| {r['variant']} | {r['precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
+                     f"{r.get('steps_per_second', float('nan')):.3f} | {r.get('seconds_per_step', float('nan')):.3f} | "
+                     f"{r.get('peak_memory_gib', float('nan')):.2f} | {r.get('error', '')} |")
+    lines += ["", "| generation | NeTI s | per-layer s | plain s | NeTI / plain | per-layer / NeTI |", "|---|---|---|---|---|---|"]
+    for r in data["generation"]:
+        s = r.get("seconds", {})
+        lines.append(f"| {r['precision']}, {r['steps']} steps | {s.get('neti', float('nan')):.2f} | "
+                     f"{s.get('per_layer', float('nan')):.2f} | {s.get('plain', float('nan')):.2f} | "
+                     f"{r.get('neti_over_plain', float('nan')):.2f}x | {r.get('per_layer_over_neti', float('nan')):.2f}x |"
+                     + (f" {r['error']}" if "error" in r else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, a few steps: checks the script")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
+    p.add_argument("--train-steps", type=int, default=None, help="timed optimisation steps after one warm-up")
+    p.add_argument("--gen-repeats", type=int, default=None)
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which no new measurement starts (default 420; none with --smoke)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--only", choices=["training", "generation"], default=None)
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    deadline = started + (args.budget or (float("inf") if args.smoke else 420))
+    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    threads = choose_threads(None) if device.type == "cpu" else str(torch.get_num_threads())
+    args.train_steps = args.train_steps if args.train_steps is not None else (0 if args.smoke else 3)
+    args.grad_accum = 1 if args.smoke else 4
+    args.gen_steps = 2 if args.smoke else 50
+    args.gen_repeats = args.gen_repeats or (1 if args.smoke else 3)
+    out = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "gpu-benchmark.json" if os.environ.get("OUT")
+                                             else REPO_ROOT / "benchmarks" / "results" /
+                                             f"gpu-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+        args.tmp = tmp
+        pipe, shape = build_sd15(device, args.smoke)
+        original = dict(pipe.unet.attn_processors)  # diffusers' SDPA processors, before NeTI installs its own
+        results = Results(out, environment(device), {k: v for k, v in vars(args).items() if k != "tmp"}
+                          | {"shape": repr(shape), "threads": threads, "build_seconds": round(time.perf_counter() - started, 1)})
+        print(f"built {shape} on {device} in {time.perf_counter() - started:.1f} s", flush=True)
+        if args.only in (None, "training"):
+            bench_training(pipe, args, results, half, deadline)
+        if args.only in (None, "generation"):
+            bench_generation(pipe, original, args, results, half, deadline)
+        results.data["environment"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        results.save()
+    print()
+    print(markdown(results.data))
+    print(f"\nwrote {out}")
+    return 0 if not any("error" in r for k in ("training", "generation") for r in results.data[k]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
