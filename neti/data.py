@@ -45,6 +45,7 @@ __all__ = [
     "ImageSet",
     "LoadedImage",
     "load_images",
+    "read_image",
     "template_kind",
     "to_tensor",
 ]
@@ -215,7 +216,7 @@ def load_images(
     images: list[LoadedImage] = []
     skipped: list[tuple[Path, str]] = []
     for path in files:
-        image, reason = _read_image(path)
+        image, reason = read_image(path)
         if image is None:
             skipped.append((path, reason))
         else:
@@ -301,8 +302,12 @@ def _candidate_files(source: str | os.PathLike | Sequence[str | os.PathLike]) ->
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def _read_image(path: Path) -> tuple[Image.Image | None, str]:
-    """Decode one file to RGB; return (image, "") or (None, reason it was skipped)."""
+def read_image(path: str | os.PathLike) -> tuple[Image.Image | None, str]:
+    """Decode one file to RGB; return (image, "") or (None, the reason it cannot be used).
+
+    Raises `ImageInputError` only for a decompression bomb (over `PIL.Image.MAX_IMAGE_PIXELS`).
+    """
+    path = Path(path)
     try:
         if path.stat().st_size == 0:
             return None, "empty file (0 bytes)"

@@ -215,7 +215,7 @@ def test_concept_names_and_tokens():
 
 
 def test_snapshot_smooths_the_loss_and_estimates_time_left():
-    from neti.studio import LOSS_EMA, TrainingManager
+    from neti.jobs import LOSS_EMA, TrainingManager
     from neti.train import StepInfo
 
     manager = TrainingManager()

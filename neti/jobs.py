@@ -1,0 +1,190 @@
+"""Background training for a server: one NeTI training at a time (NeTI Sec. 4), observable while it runs.
+
+`TrainingManager` runs a `neti.train.Trainer` in a thread and keeps an immutable `TrainingSnapshot` (loss history
+raw and smoothed, speed, time left, previews from step 0, outcome) that any thread may read, so a page that
+reloads reconnects to the running job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from .train import TrainConfig, Trainer, TrainingCallback
+
+logger = logging.getLogger(__name__)
+
+LOSS_EMA = 0.9  # smoothing of the displayed loss curve
+
+
+class TrainingBusyError(RuntimeError):
+    """A training is already running on this server; the message says which and how far it is."""
+
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """What the app shows of the current (or last) training; immutable, safe to read from any thread."""
+
+    status: str = "idle"  # idle, running, stopping, finished, stopped, failed
+    name: str = ""
+    token: str = ""
+    model: str = ""
+    step: int = 0
+    total: int = 0
+    losses: tuple[float, ...] = ()
+    smoothed: tuple[float, ...] = ()
+    seconds_per_step: float | None = None
+    eta_seconds: float | None = None
+    previews: tuple[tuple[int, tuple], ...] = ()  # (step, images) from step 0 on
+    preview_prompts: tuple[str, ...] = ()
+    error: str = ""
+    output_path: str = ""
+    version: int = 0  # increases with every change
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "stopping")
+
+    def summary(self) -> str:
+        if self.status == "idle":
+            return "No training has run on this server yet."
+        speed = f", {self.seconds_per_step:.2f} s/step" if self.seconds_per_step else ""
+        eta = f", about {format_seconds(self.eta_seconds)} left" if self.running and self.eta_seconds else ""
+        loss = f", loss {self.losses[-1]:.4f} (smoothed {self.smoothed[-1]:.4f})" if self.losses else ""
+        head = f"{self.name} (`{self.token}`): {self.status}, step {self.step}/{self.total}{loss}{speed}{eta}"
+        if self.status == "failed":
+            return f"{head}. Error: {self.error}"
+        if self.status in ("finished", "stopped"):
+            return f"{head}. Saved as concept '{self.name}'."
+        return head
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class _Recorder(TrainingCallback):
+    def __init__(self, job: "TrainingManager"):
+        self.job = job
+
+    def on_step(self, info) -> None:
+        self.job._record_step(info)
+
+    def on_preview(self, info) -> None:
+        self.job._record_preview(info)
+
+
+class TrainingManager:
+    """Runs at most one `Trainer` at a time in a background thread; `snapshot()` is always safe to call."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._snap = TrainingSnapshot()
+        self._trainer: Trainer | None = None
+        self._thread: threading.Thread | None = None
+        self._sps_ema: float | None = None
+
+    def snapshot(self) -> TrainingSnapshot:
+        with self._lock:
+            return self._snap
+
+    def _update(self, **changes) -> None:  # call with the lock held
+        self._snap = replace(self._snap, version=self._snap.version + 1, **changes)
+
+    @property
+    def running(self) -> bool:
+        return self.snapshot().running
+
+    def check_idle(self) -> None:
+        """Raise `TrainingBusyError` naming the running job and its progress, if there is one."""
+        with self._lock:
+            self._check_idle()
+
+    def _check_idle(self) -> None:  # call with the lock held
+        s = self._snap
+        if s.running:
+            left = f", about {format_seconds(s.eta_seconds)} left" if s.eta_seconds else ""
+            raise TrainingBusyError(
+                f"a training is already running on this server: '{s.name}' ({s.token}) at step {s.step}/{s.total}"
+                f"{left}; wait for it or stop it first (one training at a time)")
+
+    def start(self, pipe, model_name: str, images: Sequence, name: str, token: str, super_category: str,
+              config: TrainConfig, out_path: Path, on_done=None) -> TrainingSnapshot:
+        """Build the trainer (bad token, super-category or settings raise here) and train in the background."""
+        with self._lock:
+            self._check_idle()
+            previous = self._snap
+            self._snap = TrainingSnapshot(status="running", name=name, token=token, model=model_name, total=config.steps,
+                                          preview_prompts=tuple(config.preview_prompts), output_path=str(out_path),
+                                          version=self._snap.version + 1)
+            self._sps_ema = None
+        try:
+            trainer = Trainer(pipe, list(images), token, super_category, config, model_name, [_Recorder(self)])
+        except BaseException:  # bad token, super-category or settings: nothing started, keep the last job's view
+            with self._lock:
+                self._snap = replace(previous, version=self._snap.version + 1)
+            raise
+        self._trainer = trainer
+        self._thread = threading.Thread(target=self._run, args=(trainer, Path(out_path), on_done),
+                                        name=f"neti-train-{name}", daemon=True)
+        self._thread.start()
+        logger.info("training %s (%s) for %d steps -> %s", name, token, config.steps, out_path)
+        return self.snapshot()
+
+    def _run(self, trainer: Trainer, out_path: Path, on_done) -> None:
+        try:
+            result = trainer.train(out_path)
+            with self._lock:
+                self._update(status="stopped" if result.cancelled else "finished", step=result.steps_done,
+                             eta_seconds=None)
+        except Exception as exc:  # shown to the user; the trainer saved what it had
+            logger.exception("training %s failed", out_path.name)
+            with self._lock:
+                self._update(status="failed", error=f"{type(exc).__name__}: {exc}", eta_seconds=None)
+        finally:
+            self._trainer = None
+            if on_done is not None:
+                try:
+                    on_done(out_path)
+                except Exception:  # pragma: no cover - a notification must not kill the thread
+                    logger.exception("on_done failed")
+
+    def _record_step(self, info) -> None:
+        with self._lock:
+            s = self._snap
+            prev = s.smoothed[-1] if s.smoothed else info.loss
+            smoothed = info.loss if not s.smoothed else LOSS_EMA * prev + (1 - LOSS_EMA) * info.loss
+            self._sps_ema = info.seconds_per_step if self._sps_ema is None else \
+                0.8 * self._sps_ema + 0.2 * info.seconds_per_step
+            eta = (info.total_steps - info.step) * self._sps_ema
+            self._update(step=info.step, total=info.total_steps, losses=s.losses + (float(info.loss),),
+                         smoothed=s.smoothed + (float(smoothed),), seconds_per_step=self._sps_ema, eta_seconds=eta)
+
+    def _record_preview(self, info) -> None:
+        with self._lock:
+            self._update(previews=self._snap.previews + ((info.step, tuple(info.images)),))
+
+    def stop(self) -> TrainingSnapshot:
+        """Ask the running training to stop after its current micro-batch; it then saves the concept."""
+        with self._lock:
+            if not self._snap.running:
+                raise ValueError("no training is running")
+            self._update(status="stopping")
+            trainer = self._trainer
+        if trainer is not None:
+            trainer.cancel()
+        return self.snapshot()
+
+    def wait(self, timeout: float | None = None) -> TrainingSnapshot:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.snapshot()
