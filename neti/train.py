@@ -32,7 +32,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from .attention import has_processors, install_processors, pack
 from .concept import Concept, atomic_write
 from .conditioning import TextConditioner, check_placeholder_token, super_category_id
-from .config import METHODS, MapperConfig
+from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig
 from .data import ConceptDataset, template_kind
 from .layers import cross_attention_layers
 
@@ -376,20 +376,20 @@ class Trainer:
 
     def preview(self) -> PreviewInfo:
         """Render the preview prompts with the core generator on the same pipeline (fixed seeds)."""
-        from .generate import Generator, Sampling
+        from .generate import Generator, Row, Sampling
 
         cfg = self.config
-        was_training = self.concept.training
         generator = Generator(self.pipe, self.model_name)
-        images, prompts, seeds = [], [], []
         sampling = Sampling(steps=cfg.preview_steps, guidance=cfg.preview_guidance)
+        timesteps = generator.timesteps(sampling)
+        rows, prompts, seeds = [], [], []
+        for prompt in cfg.preview_prompts:  # every prompt and seed in one batch
+            encoding = generator.encode(prompt, [self.concept], timesteps, None, DEFAULT_BYPASS_ALPHA)
+            rows += [Row(encoding, seed, {"prompt": prompt}) for seed in cfg.preview_seeds]
+            prompts += [prompt] * len(cfg.preview_seeds)
+            seeds += list(cfg.preview_seeds)
         with torch.random.fork_rng(devices=[]):
-            for prompt in cfg.preview_prompts:
-                result = generator.generate(prompt, [self.concept], list(cfg.preview_seeds), sampling)
-                images += result.images
-                prompts += [prompt] * len(cfg.preview_seeds)
-                seeds += list(cfg.preview_seeds)
-        self.concept.train(was_training)
+            images = generator.render(rows, sampling).images
         info = PreviewInfo(self.step, images, prompts, seeds)
         for cb in self.callbacks:
             cb.on_preview(info)
