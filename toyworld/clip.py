@@ -1,0 +1,151 @@
+"""A toy CLIP for offline evaluation: a small `transformers.CLIPModel` trained contrastively on the world.
+
+It stands in for OpenAI's CLIP in NeTI's evaluation (image-image similarity of a concept's generations to its
+training images, image-text similarity to the prompt; NeTI paper Sec. 5), and loads exactly as a real CLIP would:
+`CLIPModel.from_pretrained("assets/toy-clip")`, `CLIPProcessor.from_pretrained("assets/toy-clip")`.
+Captions for training name a random subset of a scene's attributes, so that short prompts ("a star",
+"a shape on a blue background") work for zero-shot attribute recognition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from toyworld.world import BACKGROUNDS, COLOURS, COUNT_WORDS, PLURALS, RENDERING_PREFIXES, SHAPES, Scene, World
+
+logger = logging.getLogger(__name__)
+
+POOL = 24000  # training images, rendered once
+CLIP_PATH = Path(__file__).resolve().parent.parent / "assets" / "toy-clip"
+WIDTH, LAYERS, HEADS, PATCH = 64, 3, 4, 8
+
+
+def build_clip(tokenizer):
+    """An untrained toy `CLIPModel` (ViT with 8-px patches on 64-px images) and its `CLIPProcessor`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    n = len(tokenizer)
+    special = dict(bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+    text = CLIPTextConfig(vocab_size=n, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                          num_attention_heads=HEADS, max_position_embeddings=tokenizer.model_max_length,
+                          projection_dim=WIDTH, **special)
+    vision = CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                              num_attention_heads=HEADS, image_size=64, patch_size=PATCH, projection_dim=WIDTH)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=WIDTH))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption naming a random subset of the scene's attributes (always at least one)."""
+    while True:
+        keep = {k: rng.random() < p for k, p in
+                dict(shape=0.75, colour=0.7, pattern=0.5, background=0.6, rendering=0.8).items()}
+        if keep["shape"] or keep["colour"] or keep["background"]:
+            break
+    noun = scene.shape if keep["shape"] else "shape"
+    if scene.count > 1:
+        noun = PLURALS[noun]
+    words = [scene.colour if keep["colour"] else "", scene.pattern if keep["pattern"] and scene.pattern != "plain"
+             else "", noun]
+    article = COUNT_WORDS[scene.count]
+    text = " ".join(w for w in words if w)
+    if article == "a" and text[0] in "aeiou":
+        article = "an"
+    prefix = RENDERING_PREFIXES[scene.rendering][0] if keep["rendering"] else ""
+    text = f"{prefix}{article} {text}"
+    if keep["background"]:
+        text += f" on a {scene.background} background"
+    return text
+
+
+ZERO_SHOT_PROMPTS = {
+    "shape": [f"a {s}" for s in SHAPES],
+    "colour": [f"{'an' if c[0] in 'aeiou' else 'a'} {c} shape" for c in COLOURS],
+    "background": [f"a shape on a {b} background" for b in BACKGROUNDS],
+}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, processor, images: np.ndarray, scenes: list[Scene]) -> dict[str, float]:
+    """Fraction of images for which the prompt naming the true attribute scores highest, per attribute."""
+    image_features = F.normalize(_features(model.get_image_features(**processor(images=list(images), return_tensors="pt"))),
+                                 dim=-1)
+    result = {}
+    for attribute, prompts in ZERO_SHOT_PROMPTS.items():
+        tokens = processor.tokenizer(prompts, padding="max_length", return_tensors="pt")
+        text_features = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
+        predicted = (image_features @ text_features.T).argmax(dim=1).tolist()
+        values = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS}[attribute]
+        result[attribute] = float(np.mean([values[p] == getattr(s, attribute) for p, s in zip(predicted, scenes)]))
+    return result
+
+
+def _features(output) -> torch.Tensor:
+    """Projected embeddings from `get_*_features` (a tensor in transformers 4, `pooler_output` in 5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def train_clip(args) -> None:
+    """Contrastive (InfoNCE, symmetric) training on World(seed) images; zero-shot report on World(seed + 1)."""
+    from toyworld.model import build_tokenizer
+    from toyworld.train import Progress, image_pool, load_checkpoint, pool_batch, save_atomic
+    from toyworld.world import dataset
+
+    path = args.checkpoints / "clip.pt"
+    torch.manual_seed(args.seed)
+    model, processor = build_clip(build_tokenizer())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.05)
+    state, step = load_checkpoint(path), 0
+    if state:
+        model.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    pool, scenes = image_pool(World(args.seed), 30_000_000, min(POOL, args.steps * args.batch))
+    progress = Progress(args.save_minutes, args.minutes)
+
+    def save() -> None:
+        save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step), path)
+
+    model.train()
+    while step < args.steps and not progress.out_of_time():
+        peak = args.lr or 1e-3
+        for group in optimizer.param_groups:
+            group["lr"] = peak * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+        pixels, indices = pool_batch(pool, step, args.batch)
+        captions = [partial_caption(scenes[i], np.random.default_rng([args.seed, step, j, 3]))
+                    for j, i in enumerate(indices)]
+        tokens = processor.tokenizer(captions, padding="max_length", return_tensors="pt")
+        image_features = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+        text_features = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
+        logits = model.logit_scale.exp() * image_features @ text_features.T
+        # captions repeat inside a batch: identical captions are positives too
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        target = same / same.sum(dim=1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        progress.print(f"clip step {step} loss {loss.item():.4f}")
+        if progress.save_due():
+            save()
+    progress.close()
+    save()
+    model.eval()
+    images, scenes = dataset(World(args.seed + 1), 0, args.eval_count)
+    scores = zero_shot_accuracy(model, processor, images, scenes)
+    print("zero-shot accuracy:", json.dumps({k: round(v, 4) for k, v in scores.items()}))
+    out = args.out or CLIP_PATH
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    print(f"saved to {out}")
+
+
+__all__ = ["build_clip", "partial_caption", "zero_shot_accuracy", "train_clip", "CLIP_PATH", "ZERO_SHOT_PROMPTS"]

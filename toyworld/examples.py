@@ -1,0 +1,91 @@
+"""The three example concepts: things the toy model has never seen, five images each.
+
+Each concept combines a shape and a pattern held out of the training world (a crescent, a heart, a hexagon;
+checks) with colours the captions never name or a second colour, so no prompt in the model's vocabulary draws
+it: it must be learned, as the NeTI paper's concepts are. Images vary in background, position and size.
+
+    python -m toyworld.examples            # writes assets/examples/<name>/{0..4}.png and concept.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toyworld.world import Scene, place_things, render, vocabulary
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_PATH = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+@dataclass(frozen=True)
+class ExampleConcept:
+    name: str  # folder name
+    shape: str
+    colour: str
+    pattern: str
+    pattern_colour: str
+    backgrounds: tuple[str, ...]  # one per image
+    super_category: str  # a single vocabulary word to initialise from and rescale to
+    description: str
+
+    @property
+    def placeholder_token(self) -> str:
+        return f"<{self.name}>"
+
+
+EXAMPLES = (
+    ExampleConcept("dotted-crescent", "crescent", "orange", "dotted", "blue",
+                   ("white", "green", "purple", "black", "yellow"), "shape", "an orange crescent with blue dots"),
+    ExampleConcept("checkered-heart", "heart", "pink", "checkered", "teal",
+                   ("yellow", "blue", "white", "black", "orange"), "shape", "a pink heart with teal checks"),
+    ExampleConcept("striped-hexagon", "hexagon", "brown", "striped", "white",
+                   ("green", "red", "blue", "yellow", "purple"), "object", "a brown hexagon with white stripes"),
+)
+
+
+def example_scenes(concept: ExampleConcept, seed: int = 0) -> list[Scene]:
+    """Five scenes of the concept: one object each, sizes 12-20 px radius, random positions and phases."""
+    rng = np.random.default_rng([seed, sum(map(ord, concept.name))])
+    return [Scene(shape=concept.shape, colour=concept.colour, pattern=concept.pattern, background=background,
+                  rendering="photo", things=place_things(rng, 1, (12.0, 20.0)), pattern_colour=concept.pattern_colour,
+                  pattern_phase=float(rng.uniform(0, 1)))
+            for background in concept.backgrounds]
+
+
+def write_examples(folder: str | Path = EXAMPLES_PATH, seed: int = 0) -> list[Path]:
+    """Write each concept's five PNGs and `concept.json` under `folder/<name>/`."""
+    from PIL import Image
+
+    words = set(vocabulary())
+    written = []
+    for concept in EXAMPLES:
+        if concept.super_category not in words:
+            raise ValueError(f"super-category {concept.super_category!r} of {concept.name} is not in the vocabulary")
+        out = Path(folder) / concept.name
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for i, scene in enumerate(example_scenes(concept, seed)):
+            Image.fromarray(render(scene)).save(out / f"{i}.png")
+            files.append(f"{i}.png")
+        meta = dict(name=concept.name, placeholder_token=concept.placeholder_token,
+                    super_category=concept.super_category, description=concept.description, images=files,
+                    backgrounds=list(concept.backgrounds))
+        (out / "concept.json").write_text(json.dumps(meta, indent=1) + "\n")
+        logger.info("wrote %s", out)
+        written.append(out)
+    return written
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, default=EXAMPLES_PATH)
+    parser.add_argument("--seed", type=int, default=0)
+    for path in write_examples(**vars(parser.parse_args())):
+        print(path)

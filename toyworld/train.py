@@ -1,0 +1,374 @@
+"""Train the toy Stable-Diffusion-shaped model on the toy world, stage by stage, resumably.
+
+    python -m toyworld.train vae         # 1. the autoencoder, on freshly rendered images
+    python -m toyworld.train vae --decoder-only   # (any time later) improve the decoder; latents stay valid
+    python -m toyworld.train latents     # 2. encode a fixed set of world images once (the VAE is frozen now)
+    python -m toyworld.train unet        # 3. UNet + text encoder on the cached latents, captions dropped 10%
+    python -m toyworld.train export      # write the current weights to assets/toy-sd (diffusers layout)
+    python -m toyworld.train classifier  # the attribute classifier (evaluation), saved to assets/toy-classifier
+    python -m toyworld.train clip        # the toy CLIP (evaluation), saved to assets/toy-clip
+
+Each training stage keeps one checkpoint, `<checkpoints>/<stage>.pt`, written atomically every
+`--save-minutes` and at the end, with the model, its EMA (UNet stage), the optimiser state and the step. Running
+the same command again resumes from it exactly: batches and noise are pure functions of `(seed, step)`, so a
+resumed run draws what an uninterrupted one would have. `--steps` is the total to reach; `--minutes` stops
+early (after a checkpoint). Scripts print progress; the library modules log.
+
+The UNet is trained as in Stable Diffusion (epsilon prediction, SD's scaled-linear noise schedule, classifier-
+free guidance by dropping 10% of captions to "") with Min-SNR-5 loss weights (Hang et al. 2023) to learn faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toyworld.world import World, caption, render
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+UNET_LR = 1e-3  # peak learning rate of the UNet stage (after 500 warm-up steps)
+CAPTION_DROPOUT = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def images_tensor(world: World, indices) -> torch.Tensor:
+    """World images as a float (B, 3, 64, 64) tensor in [-1, 1]."""
+    images = np.stack([world.image(int(i)) for i in indices])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def image_pool(world: World, first: int, count: int) -> tuple[np.ndarray, list]:
+    """`count` world images (uint8, (N, 64, 64, 3)) and scenes from index `first`, rendered once and reused."""
+    scenes = [world.scene(i) for i in range(first, first + count)]
+    return np.stack([render(s) for s in scenes]), scenes
+
+
+def pool_batch(images: np.ndarray, step: int, size: int) -> tuple[torch.Tensor, list[int]]:
+    """Batch `step` of a pool, cycling through it in order: float (B, 3, 64, 64) in [-1, 1] and pool indices."""
+    indices = [(step * size + j) % len(images) for j in range(size)]
+    return torch.from_numpy(images[indices]).permute(0, 3, 1, 2).float() / 127.5 - 1, indices
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
+
+
+class Progress:
+    """Prints a line every `every` seconds, says when a checkpoint is due, and turns SIGTERM/SIGINT into a clean
+    stop (the loop saves its checkpoint and exits), so `kill PID` never loses more than the current step."""
+
+    def __init__(self, save_minutes: float, minutes: float | None, every: float = 30.0):
+        self.start = self.last_print = self.last_save = time.time()
+        self.save_seconds, self.deadline, self.every = save_minutes * 60, minutes and self.start + minutes * 60, every
+        self.stopped = False
+        self.previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """Give the signal handlers back (the caller may be a test runner)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _stop(self, signum, frame) -> None:
+        print(f"signal {signum}: saving and stopping", flush=True)
+        self.stopped = True
+
+    def print(self, text: str) -> None:
+        if time.time() - self.last_print >= self.every:
+            self.last_print = time.time()
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def save_due(self) -> bool:
+        if time.time() - self.last_save >= self.save_seconds:
+            self.last_save = time.time()
+            return True
+        return False
+
+    def out_of_time(self) -> bool:
+        return self.stopped or (bool(self.deadline) and time.time() >= self.deadline)
+
+
+# ------------------------------------------------------------------------------------------------- 1. VAE
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """Colour-aware reconstruction loss: L1 + MSE on pixels with object pixels (those unlike the background,
+    read at the corner, which objects never cover) weighted 5x, an L1 on 4x4-pooled colours so flat colours are
+    kept exactly, and a small KL."""
+    background = target[:, :, :1, :1]
+    weight = 1 + 4 * ((target - background).abs().sum(dim=1, keepdim=True) > 0.1).float()  # (B, 1, H, W)
+    error = recon - target
+    pixels = (weight * (error.abs() + error ** 2)).mean() / weight.mean()
+    pooled = F.l1_loss(F.avg_pool2d(recon, 4), F.avg_pool2d(target, 4))
+    return pixels + 2 * pooled + kl_weight * kl.mean()
+
+
+def train_vae(args) -> None:
+    from toyworld.model import build_vae_toy
+
+    path = args.checkpoints / "vae.pt"
+    torch.manual_seed(args.seed)
+    vae = build_vae_toy()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr or 1e-3, weight_decay=0.0)
+    state, step = load_checkpoint(path), 0
+    if state:
+        vae.load_state_dict(state["vae"]), optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resuming the VAE at step {step}")
+    if args.decoder_only:  # the latent space (and so any UNet trained on it) stays fixed
+        vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
+        print("training the decoder only: the encoder is frozen")
+    world, progress = World(args.seed), Progress(args.save_minutes, args.minutes)
+
+    def save() -> None:
+        save_atomic(dict(vae=vae.state_dict(), optimizer=optimizer.state_dict(), step=step, batch=args.batch,
+                         seed=args.seed), path)
+
+    vae.train()
+    while step < args.steps and not progress.out_of_time():
+        x = images_tensor(world, range(step * args.batch, (step + 1) * args.batch))
+        with torch.set_grad_enabled(not args.decoder_only):
+            posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=step_generator(args.seed, step))
+        loss = vae_loss(vae.decode(z).sample, x, posterior.kl(), kl_weight=1e-6)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        step += 1
+        progress.print(f"vae step {step} loss {loss.item():.4f}")
+        if progress.save_due():
+            save()
+    progress.close()
+    save()
+    print(f"VAE at step {step}, saved to {path}")
+
+
+# ------------------------------------------------------------------------------------------ 2. latent cache
+
+def load_vae(checkpoints: Path):
+    """The VAE stage's weights, or (when only the UNet checkpoint was carried over) the exported VAE."""
+    from diffusers import AutoencoderKL
+
+    from toyworld.model import TOY_SD_PATH, build_vae_toy
+
+    state = load_checkpoint(checkpoints / "vae.pt")
+    if state is not None:
+        vae = build_vae_toy()
+        vae.load_state_dict(state["vae"])
+        return vae
+    if (TOY_SD_PATH / "vae").exists():
+        print(f"no {checkpoints / 'vae.pt'}: using the exported VAE in {TOY_SD_PATH / 'vae'}")
+        return AutoencoderKL.from_pretrained(TOY_SD_PATH / "vae")
+    raise SystemExit(f"no VAE in {checkpoints}: run `python -m toyworld.train vae` first")
+
+
+@torch.no_grad()
+def encode_latents(args) -> None:
+    """Encode world images 0..count-1 with the frozen VAE (posterior means), and fix the latent scaling factor."""
+    vae = load_vae(args.checkpoints).eval()
+    world, latents, start = World(args.seed), [], time.time()
+    for first in range(0, args.count, 256):
+        indices = range(first, min(first + 256, args.count))
+        latents.append(vae.encode(images_tensor(world, indices)).latent_dist.mean.half())
+        print(f"encoded {first + len(indices)}/{args.count} ({time.time() - start:.0f} s)", flush=True)
+    latents = torch.cat(latents)  # (N, 4, 16, 16)
+    scaling_factor = float(1 / latents.float().std())
+    save_atomic(dict(latents=latents, scaling_factor=scaling_factor, seed=args.seed), args.checkpoints / "latents.pt")
+    print(f"{len(latents)} latents, std {1 / scaling_factor:.3f}: scaling factor {scaling_factor:.4f}")
+
+
+# ------------------------------------------------------------------------------------- 3. UNet + text encoder
+
+class CaptionedLatents:
+    """Epoch-shuffled (latent, caption) batches that are a pure function of (seed, step)."""
+
+    def __init__(self, latents: torch.Tensor, world: World, tokenizer, drop: float, seed: int):
+        self.latents, self.world, self.tokenizer, self.drop, self.seed = latents, world, tokenizer, drop, seed
+        self.scenes = [world.scene(i) for i in range(len(latents))]
+        self.permutations: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self.permutations:
+            self.permutations = {epoch: torch.randperm(len(self.latents), generator=step_generator(self.seed, epoch, 1))}
+        return self.permutations[epoch]
+
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.latents)
+        ks = range(step * size, (step + 1) * size)
+        indices = torch.stack([self.permutation(k // n)[k % n] for k in ks])
+        captions = []
+        for k, i in zip(ks, indices.tolist()):
+            rng = np.random.default_rng([self.seed, k, 2])
+            captions.append("" if rng.random() < self.drop else caption(self.scenes[i], rng))
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.latents[indices].float(), ids
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023, Eq. 9)."""
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(args) -> None:
+    from diffusers import DDPMScheduler
+
+    from toyworld.model import build_components
+    from toyworld.sd_layout import SD_SCHEDULER_CONFIG
+
+    path = args.checkpoints / "unet.pt"
+    cache = load_checkpoint(args.checkpoints / "latents.pt")
+    if cache is None:
+        raise SystemExit(f"no latent cache in {args.checkpoints}: run `python -m toyworld.train latents` first")
+    parts = build_components(seed=args.seed)
+    tokenizer, text_encoder, unet = parts["tokenizer"], parts["text_encoder"], parts["unet"]
+    ema_text_encoder, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr or UNET_LR, weight_decay=0.01)
+    state, step = load_checkpoint(path), 0
+    if state:
+        for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
+                            (ema_text_encoder, "ema_text_encoder")):
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resuming the UNet at step {step} ({step * state['batch']} samples)")
+    data = CaptionedLatents(cache["latents"], World(cache["seed"]), tokenizer, drop=CAPTION_DROPOUT, seed=args.seed)
+    scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    scaling, warmup = cache["scaling_factor"], 500
+    progress, start_step, losses = Progress(args.save_minutes, args.minutes), step, []
+
+    def save() -> None:
+        save_atomic(dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), ema_unet=ema_unet.state_dict(),
+                         ema_text_encoder=ema_text_encoder.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                         batch=args.batch, seed=args.seed, scaling_factor=scaling), path)
+
+    unet.train(), text_encoder.train()
+    while step < args.steps and not progress.out_of_time():
+        for group in optimizer.param_groups:
+            group["lr"] = (args.lr or UNET_LR) * min(1.0, (step + 1) / warmup)
+        latents, ids = data.batch(step, args.batch)
+        x0 = latents * scaling
+        generator = step_generator(args.seed, step)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        prediction = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (min_snr_weights(scheduler, t) * per_sample).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text_encoder, text_encoder)):
+                for e, p in zip(ema.parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        rate = (step - start_step) * args.batch / (time.time() - progress.start)
+        progress.print(f"unet step {step} samples {step * args.batch} loss {np.mean(losses[-100:]):.4f} "
+                       f"{rate:.1f} samples/s")
+        if progress.save_due():
+            save()
+    progress.close()
+    save()
+    print(f"UNet at step {step} ({step * args.batch} samples), saved to {path}")
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def export(args) -> None:
+    """Write the VAE and the UNet stage's EMA weights as a `StableDiffusionPipeline` folder."""
+    from toyworld.model import build_components, save_pipeline
+
+    parts = build_components(seed=args.seed)
+    vae, unet_state = load_vae(args.checkpoints), load_checkpoint(args.checkpoints / "unet.pt")
+    if unet_state is None:
+        raise SystemExit(f"no UNet checkpoint in {args.checkpoints}: run `python -m toyworld.train unet` first")
+    vae.register_to_config(scaling_factor=unet_state["scaling_factor"])
+    parts["unet"].load_state_dict(unet_state["ema_unet"])
+    parts["text_encoder"].load_state_dict(unet_state["ema_text_encoder"])
+    out = save_pipeline(args.out, parts["tokenizer"], parts["text_encoder"], parts["unet"], vae)
+    info = dict(unet_step=unet_state["step"], samples=unet_state["step"] * unet_state["batch"],
+                exported=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"exported step {info['unet_step']} ({info['samples']} samples) to {out}")
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+DEFAULTS = dict(vae=dict(steps=2000, batch=16), latents=dict(steps=0, batch=0), unet=dict(steps=30000, batch=48),
+                classifier=dict(steps=1500, batch=64), clip=dict(steps=2500, batch=128), export=dict(steps=0, batch=0))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=list(DEFAULTS))
+    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS, help="where stage checkpoints live")
+    parser.add_argument("--steps", type=int, help="total optimiser steps to reach (stage default otherwise)")
+    parser.add_argument("--batch", type=int, help="batch size (changing it mid-run changes the data order)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (stage default otherwise)")
+    parser.add_argument("--minutes", type=float, help="stop (after saving) when this much wall time has passed")
+    parser.add_argument("--save-minutes", type=float, default=5.0, help="checkpoint interval")
+    parser.add_argument("--seed", type=int, default=0, help="the world's and the initialisation's seed")
+    parser.add_argument("--count", type=int, default=40000, help="latents stage: how many world images to encode")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="vae stage: freeze the encoder, so cached latents and the UNet stay valid")
+    parser.add_argument("--ema", type=float, default=0.999, help="UNet stage: EMA decay of the exported weights")
+    parser.add_argument("--out", type=Path, help="export/classifier/clip: output folder (assets/... otherwise)")
+    parser.add_argument("--eval-count", type=int, default=2000, help="classifier/clip: held-out images to report on")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.stage].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.stage == "vae":
+        train_vae(args)
+    elif args.stage == "latents":
+        encode_latents(args)
+    elif args.stage == "unet":
+        train_unet(args)
+    elif args.stage == "export":
+        from toyworld.model import TOY_SD_PATH
+
+        args.out = args.out or TOY_SD_PATH
+        export(args)
+    elif args.stage == "classifier":
+        from toyworld.classifier import train_classifier
+
+        train_classifier(args)
+    elif args.stage == "clip":
+        from toyworld.clip import train_clip
+
+        train_clip(args)
+
+
+if __name__ == "__main__":
+    main()

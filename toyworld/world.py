@@ -1,0 +1,311 @@
+"""The toy world: seeded 64x64 RGB scenes of one or two coloured shapes, and their captions.
+
+A scene is one shape kind in one colour (optionally striped or dotted), drawn once or twice at random sizes and
+positions on a plain background, shown in one of four renderings (a photo, a sketch, a blurry photo, a
+pixelated image). Captions use a small closed vocabulary ("two green striped rings on a yellow background",
+"a sketch of a red star on a blue background"), so that prompts can edit the background, the count and the
+rendering, the way the NeTI paper's prompts edit a learned concept.
+
+Everything is a pure function of `(seed, index)`: `World(seed).scene(i)` is the same scene on every machine.
+Shapes, patterns and colours outside the training lists (a crescent, a heart, checks, two-coloured objects)
+are drawable too; `toyworld.examples` uses them for concepts the base model has never seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 64  # image side in pixels
+_SUPERSAMPLE = 2  # render at 2x and average, for anti-aliased edges
+
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "ring": "rings",
+           "cross": "crosses", "shape": "shapes", "object": "objects"}
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")  # object colours
+BACKGROUNDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+PATTERNS = ("plain", "striped", "dotted")
+COUNTS = (1, 2)
+RENDERINGS = ("photo", "sketch", "blurry", "pixelated")
+HELD_OUT_SHAPES = ("crescent", "heart", "hexagon")  # never in training images
+HELD_OUT_PATTERNS = ("checkered",)
+
+RGB = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "purple": (150, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+    "pink": (250, 130, 190), "teal": (20, 160, 160), "brown": (130, 80, 40),
+}
+COUNT_WORDS = {1: "a", 2: "two"}
+RENDERING_PREFIXES = {
+    "photo": ("", "a photo of ", "a picture of ", "an image of ", "a rendering of "),
+    "sketch": ("a sketch of ",),
+    "blurry": ("a blurry photo of ",),
+    "pixelated": ("a pixelated image of ",),
+}
+SUPER_CATEGORIES = ("shape", "object")  # generic words captions sometimes use instead of the shape's name
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can contain, plus the held-out and super-category words prompts may use."""
+    words = ["a", "an", "two", "of", "on", "background", "the", "with", "and", "in", "style"]
+    for prefixes in RENDERING_PREFIXES.values():
+        words += [w for p in prefixes for w in p.split()]
+    words += [*SHAPES, *HELD_OUT_SHAPES, *SUPER_CATEGORIES, *PLURALS.values(), "crescents", "hearts", "hexagons"]
+    words += [*COLOURS, *BACKGROUNDS, *RGB, *PATTERNS, *HELD_OUT_PATTERNS]
+    return list(dict.fromkeys(words))
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One drawn object: its centre and radius in pixels."""
+
+    x: float
+    y: float
+    radius: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything that decides an image; `things` holds one entry per drawn object."""
+
+    shape: str
+    colour: str
+    pattern: str
+    background: str
+    rendering: str
+    things: tuple[Thing, ...]
+    pattern_colour: str | None = None  # None: a darker shade of `colour`
+    pattern_phase: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.things)
+
+
+def place_things(rng: np.random.Generator, count: int, radius_range: tuple[float, float] | None = None
+                 ) -> tuple[Thing, ...]:
+    """Random non-overlapping centres and radii that keep every object inside the image."""
+    low, high = radius_range or ((10.0, 20.0) if count == 1 else (7.0, 12.0))
+    for _ in range(1000):
+        things = []
+        for _ in range(count):
+            r = float(rng.uniform(low, high))
+            things.append(Thing(float(rng.uniform(r + 1, SIZE - r - 1)), float(rng.uniform(r + 1, SIZE - r - 1)), r))
+        if all(np.hypot(a.x - b.x, a.y - b.y) > a.radius + b.radius + 2
+               for i, a in enumerate(things) for b in things[i + 1:]):
+            return tuple(things)
+    raise RuntimeError(f"could not place {count} objects")
+
+
+@dataclass(frozen=True)
+class World:
+    """The seeded distribution of training scenes; `scene(i)` is deterministic in `(seed, i)`."""
+
+    seed: int = 0
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = COLOURS
+    backgrounds: tuple[str, ...] = BACKGROUNDS
+    patterns: tuple[str, ...] = PATTERNS
+    renderings: tuple[str, ...] = RENDERINGS
+    rendering_weights: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
+    two_probability: float = 0.3
+
+    def rng(self, index: int, stream: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, index, stream])
+
+    def scene(self, index: int) -> Scene:
+        rng = self.rng(index)
+        colour = self.colours[rng.integers(len(self.colours))]
+        backgrounds = [b for b in self.backgrounds if b != colour]
+        count = 2 if rng.random() < self.two_probability else 1
+        return Scene(
+            shape=self.shapes[rng.integers(len(self.shapes))], colour=colour,
+            pattern=self.patterns[rng.integers(len(self.patterns))],
+            background=backgrounds[rng.integers(len(backgrounds))],
+            rendering=self.renderings[rng.choice(len(self.renderings), p=np.array(self.rendering_weights))],
+            things=place_things(rng, count), pattern_phase=float(rng.uniform(0, 1)),
+        )
+
+    def image(self, index: int) -> np.ndarray:
+        return render(self.scene(index))
+
+    def caption(self, index: int, variant: int = 0) -> str:
+        """Caption `variant` 0 is canonical; others are seeded paraphrases (see `caption`)."""
+        return caption(self.scene(index), None if variant == 0 else self.rng(index, variant))
+
+
+# ----------------------------------------------------------------------------------------------- captions
+
+def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """The scene in words. With `rng`, a paraphrase: a synonym prefix for photos, sometimes the generic word
+    "shape"/"object" for the shape's name, sometimes no pattern word or no background."""
+    noun = scene.shape
+    pattern = "" if scene.pattern == "plain" else scene.pattern
+    prefix = RENDERING_PREFIXES[scene.rendering][0]
+    with_background = True
+    if rng is not None:
+        options = RENDERING_PREFIXES[scene.rendering]
+        prefix = options[rng.integers(len(options))]
+        if rng.random() < 0.1:
+            noun = SUPER_CATEGORIES[rng.integers(len(SUPER_CATEGORIES))]
+        if rng.random() < 0.1:
+            pattern = ""
+        with_background = rng.random() >= 0.1
+    if scene.count > 1:
+        noun = PLURALS[noun]
+    adjectives = " ".join(w for w in (scene.colour, pattern) if w)
+    article = COUNT_WORDS[scene.count]
+    if article == "a" and adjectives[:1] in "aeiou":
+        article = "an"
+    text = f"{prefix}{article} {adjectives} {noun}"
+    if with_background:
+        text += f" on a {scene.background} background"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    n = SIZE * _SUPERSAMPLE
+    coords = (np.arange(n) + 0.5) / _SUPERSAMPLE
+    return np.meshgrid(coords, coords)  # (x, y), each (n, n) in pixel units
+
+
+_X, _Y = _grid()
+
+
+def shape_mask(shape: str, thing: Thing) -> np.ndarray:
+    """Boolean (n, n) mask of one object on the supersampled grid."""
+    dx, dy = (_X - thing.x) / thing.radius, (_Y - thing.y) / thing.radius  # unit radius
+    r = np.hypot(dx, dy)
+    if shape == "circle":
+        return r <= 1
+    if shape == "ring":
+        return (r <= 1) & (r >= 0.55)
+    if shape == "square":
+        return np.maximum(abs(dx), abs(dy)) <= 0.8
+    if shape == "triangle":  # upward, centroid at the centre
+        return (dy <= 0.5) & (dy >= -1 + 1.732 * abs(dx))
+    if shape == "star":  # five points, outer radius 1, inner 0.45
+        angle = (np.arctan2(dx, -dy) % (2 * np.pi / 5)) / (2 * np.pi / 5)  # 0..1 between two points
+        return r <= 1 - 0.55 * (1 - abs(1 - 2 * angle))
+    if shape == "cross":
+        return ((abs(dx) <= 0.3) & (abs(dy) <= 1)) | ((abs(dy) <= 0.3) & (abs(dx) <= 1))
+    if shape == "crescent":
+        return (r <= 1) & (np.hypot(dx - 0.45, dy + 0.2) > 0.8)
+    if shape == "heart":
+        hx, hy = dx * 1.15, -dy * 1.15 + 0.2
+        return (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
+    if shape == "hexagon":
+        return (abs(dy) <= 0.866) & (0.866 * abs(dx) + 0.5 * abs(dy) <= 0.866)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + HELD_OUT_SHAPES}")
+
+
+def pattern_mask(pattern: str, phase: float, thin: bool = False) -> np.ndarray:
+    """Where the pattern's second colour goes, on the supersampled grid (thin: line-art version)."""
+    if pattern == "plain":
+        return np.zeros_like(_X, dtype=bool)
+    if pattern == "striped":
+        return ((_X + _Y) / 8 + phase) % 1 < (0.2 if thin else 0.45)
+    if pattern == "dotted":
+        gx, gy = (_X / 7 + phase) % 1 - 0.5, (_Y / 7 + phase) % 1 - 0.5
+        return np.hypot(gx, gy) < (0.14 if thin else 0.25)
+    if pattern == "checkered":
+        return ((np.floor(_X / 5 + phase) + np.floor(_Y / 5 + phase)) % 2) == 1
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS + HELD_OUT_PATTERNS}")
+
+
+def _outline(mask: np.ndarray, width: int = 3) -> np.ndarray:
+    inner = mask.copy()
+    for axis in (0, 1):
+        for shift in (-width, width):
+            inner &= np.roll(mask, shift, axis=axis)
+    return mask & ~inner
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    radius = int(3 * sigma)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    rows = sum(k * padded[i:i + image.shape[0]] for i, k in enumerate(kernel))
+    return sum(k * rows[:, i:i + image.shape[1]] for i, k in enumerate(kernel))
+
+
+def render(scene: Scene) -> np.ndarray:
+    """The scene as a (64, 64, 3) uint8 RGB array."""
+    n = SIZE * _SUPERSAMPLE
+    canvas = np.empty((n, n, 3), dtype=np.float32)
+    canvas[:] = RGB[scene.background]
+    body = np.asarray(RGB[scene.colour], dtype=np.float32)
+    second = body * 0.45 if scene.pattern_colour is None else np.asarray(RGB[scene.pattern_colour], np.float32)
+    sketch = scene.rendering == "sketch"
+    pattern = pattern_mask(scene.pattern, scene.pattern_phase, thin=sketch)
+    for thing in scene.things:
+        mask = shape_mask(scene.shape, thing)
+        if sketch:  # line art: the outline and the pattern's lines in the object's colour
+            canvas[_outline(mask) | (mask & pattern)] = body
+        else:
+            canvas[mask] = body
+            canvas[mask & pattern] = second
+    image = canvas.reshape(SIZE, _SUPERSAMPLE, SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
+    if scene.rendering == "blurry":
+        image = _blur(image, 1.8)
+    elif scene.rendering == "pixelated":
+        block = 4
+        small = image.reshape(SIZE // block, block, SIZE // block, block, 3).mean(axis=(1, 3))
+        image = small.repeat(block, axis=0).repeat(block, axis=1)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Integer attribute labels of a scene, the classifier's targets (indices into the tuples above)."""
+
+    shape: int
+    colour: int
+    pattern: int
+    background: int
+    count: int
+    rendering: int
+
+    @classmethod
+    def of(cls, scene: Scene) -> "Labels":
+        return cls(SHAPES.index(scene.shape), COLOURS.index(scene.colour), PATTERNS.index(scene.pattern),
+                   BACKGROUNDS.index(scene.background), COUNTS.index(scene.count), RENDERINGS.index(scene.rendering))
+
+
+ATTRIBUTES: dict[str, tuple] = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS, "background": BACKGROUNDS,
+                                "count": COUNTS, "rendering": RENDERINGS}
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """The attributes a canonical-style caption names (shape, colour, pattern, background, count, rendering)."""
+    words = text.replace(" background", "").split()
+    found: dict[str, str] = {"count": "2" if "two" in words else "1", "pattern": "plain", "rendering": "photo"}
+    for rendering, prefixes in RENDERING_PREFIXES.items():
+        if rendering != "photo" and text.startswith(prefixes[0]):
+            found["rendering"] = rendering
+    singular = {p: s for s, p in PLURALS.items()}
+    for i, w in enumerate(words):
+        w = singular.get(w, w)
+        if w in SHAPES:
+            found["shape"] = w
+        elif w in PATTERNS:
+            found["pattern"] = w
+        elif w in BACKGROUNDS and i > 0 and words[i - 1] == "a" and "on" in words[:i]:
+            found["background"] = w
+        elif w in COLOURS and "colour" not in found:
+            found["colour"] = w
+    return found
+
+
+def dataset(world: World, start: int, count: int) -> tuple[np.ndarray, list[Scene]]:
+    """Images (count, 64, 64, 3) uint8 and scenes for indices start .. start+count-1."""
+    scenes = [world.scene(i) for i in range(start, start + count)]
+    return np.stack([render(s) for s in scenes]), scenes
+
+
+__all__ = ["World", "Scene", "Thing", "Labels", "render", "caption", "vocabulary", "parse_caption", "dataset",
+           "ATTRIBUTES", "SHAPES", "COLOURS", "BACKGROUNDS", "PATTERNS", "COUNTS", "RENDERINGS", "RGB", "SIZE"]
