@@ -347,3 +347,12 @@ def test_textual_inversion_export_loads_in_diffusers_and_its_token_works(tmp_pat
     image = pipe("a photo of <thing>", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  output_type="np").images[0]
     assert image.shape == (32, 32, 3)
+
+
+def test_saved_files_get_the_usual_permissions_not_owner_only(tmp_path):
+    import os
+
+    from neti.concept import _UMASK
+
+    path = Concept("<p>", "cat", MapperConfig(method="ti", token_dim=8, num_layers=2)).save(tmp_path / "p.safetensors")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_UMASK
