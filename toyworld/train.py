@@ -47,7 +47,7 @@ def save_atomic(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 def images_tensor(world: World, indices) -> torch.Tensor:
