@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default per method, then scaled)")
     p.add_argument("--no-scale-lr", action="store_true", help="do not multiply lr by batch x accumulation")
+    p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
     p.add_argument("--templates", choices=["object", "style"], default="object")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    p.add_argument("--crop", choices=["center", "random"], default="center", help="how images are cropped square")
+    p.add_argument("--flip-p", type=float, default=0.5, help="probability of a horizontal flip (0 for text, logos)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=3)
     p.add_argument("--preview-every", type=int, default=0, help="steps between preview grids (0: none)")
     p.add_argument("--preview-prompt", action="append", default=None, help="repeatable; default 'a photo of a {}'")
-    p.add_argument("--preview-seed", type=int, action="append", default=None)
+    p.add_argument("--preview-seed", type=int, action="append", default=None, help="repeatable; default 0 and 1")
+    p.add_argument("--preview-steps", type=int, default=20, help="sampler steps of each preview")
     p.add_argument("--resume", default=None, help="a checkpoint file or checkpoints folder")
     p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
 
@@ -178,7 +183,8 @@ def cmd_train(args) -> None:
     config = TrainConfig(
         method=args.method, ablations=tuple(args.ablation), steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, learning_rate=args.lr, scale_lr=not args.no_scale_lr, templates=args.templates,
-        seed=args.seed, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        lr_warmup_steps=args.lr_warmup_steps, resolution=args.resolution, crop=args.crop, flip_p=args.flip_p,
+        preview_steps=args.preview_steps, seed=args.seed, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         preview_every=args.preview_every, preview_prompts=tuple(args.preview_prompt or ["a photo of a {}"]),
         preview_seeds=tuple(args.preview_seed or [0, 1]),

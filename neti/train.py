@@ -33,7 +33,7 @@ from .attention import has_processors, install_processors, pack
 from .concept import Concept, atomic_write
 from .conditioning import TextConditioner, check_placeholder_token, super_category_id
 from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig
-from .data import ConceptDataset, template_kind
+from .data import CROP_MODES, ConceptDataset, template_kind
 from .layers import cross_attention_layers
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,13 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}")
         template_kind(self.templates)
+        if not 0 <= self.flip_p <= 1:
+            raise ValueError(f"flip_p must be a probability from 0 to 1, got {self.flip_p!r}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop {self.crop!r} is unknown; use one of {', '.join(CROP_MODES)}")
+        if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
+                                            or self.resolution < 8):
+            raise ValueError(f"resolution must be an integer of at least 8 pixels (or None), got {self.resolution!r}")
         if not self.preview_prompts or not self.preview_seeds:
             raise ValueError("previews need at least one prompt and one seed")
 

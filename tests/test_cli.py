@@ -25,7 +25,9 @@ def trained(tiny_model_dir, tmp_path_factory):
     out = root / "concepts" / "thing.safetensors"
     code = main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--images", str(folder),
                  "--token", "<thing>", "--init-token", "cat", "--steps", "2", "--grad-accum", "1",
-                 "--checkpoint-every", "1", "--preview-every", "2", "--preview-seed", "3", "--out", str(out)])
+                 "--checkpoint-every", "1", "--preview-every", "2", "--preview-seed", "3", "--preview-steps", "3",
+                 "--crop", "random", "--flip-p", "0", "--lr-warmup-steps", "1", "--resolution", "32",
+                 "--out", str(out)])
     assert code == 0
     return root, out
 
@@ -37,6 +39,19 @@ def test_train_writes_the_concept_previews_and_checkpoints(trained):
     assert previews == ["step-000000.png", "step-000002.png"]
     assert read_settings(root / "concepts" / "thing-previews" / "step-000002.png")["seeds"] == [3]
     assert [p.name for p in (root / "concepts" / "thing-checkpoints").iterdir()] == ["checkpoint-000001.safetensors"]
+
+
+def test_train_options_reach_the_run_config(trained):
+    from safetensors import safe_open
+
+    from neti.train import TrainConfig
+
+    root, _ = trained
+    checkpoint = root / "concepts" / "thing-checkpoints" / "checkpoint-000001.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as f:
+        config = TrainConfig.from_json(json.loads(f.metadata()["training_state"])["train_config"])
+    assert (config.crop, config.flip_p, config.lr_warmup_steps, config.resolution, config.preview_steps,
+            config.preview_seeds) == ("random", 0.0, 1, 32, 3, (3,))
 
 
 def test_info_prints_metadata_parameters_and_size(trained, capsys):

@@ -86,7 +86,7 @@ def test_rows_differ_over_time_and_layers(tiny_pipe, conditioner):
 
 def test_batched_grid_equals_loop_in_chunks(tiny_pipe):
     concept = make_concept(tiny_pipe, "<thing>")
-    small = TextConditioner(tiny_pipe.tokenizer, tiny_pipe.text_encoder, chunk_size=5)
+    small = TextConditioner(tiny_pipe.tokenizer, tiny_pipe.text_encoder, chunk_rows=5)
     big = TextConditioner(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
     prompt = big.tokenize("a photo of <thing>", ["<thing>"])
     with torch.no_grad():

@@ -202,7 +202,8 @@ def test_no_images_is_refused(tiny_pipe):
     (dict(steps=0), "steps must be a positive integer"), (dict(method="dreambooth"), "method 'dreambooth'"),
     (dict(ablations=("no_mapper",)), "unknown ablation"), (dict(method="ti", ablations=("no_bypass",)), "NeTI"),
     (dict(mixed_precision="fp8"), "mixed_precision"), (dict(learning_rate=-1.0), "learning_rate"),
-    (dict(templates="poem"), "poem"),
+    (dict(templates="poem"), "poem"), (dict(flip_p=1.5), "flip_p"), (dict(crop="zoom"), "crop 'zoom'"),
+    (dict(resolution=0), "resolution"),
 ])
 def test_bad_training_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 TOY_VAE_CHANNELS = (16, 32, 64)  # the VAE's levels, as in TOY.vae_channels (factor-4 downsampling)
 TOY = SDShape(
     unet_channels=(32, 64, 64, 64), unet_head_dim=2, unet_groups=16, text_width=64, text_layers=3, text_heads=4,
-    text_ffn=256, vae_channels=TOY_VAE_CHANNELS, vae_groups=8, latent_channels=4, resolution=64, max_tokens=32,
+    text_ffn=256, vae_channels=TOY_VAE_CHANNELS, vae_groups=8, latent_channels=8, resolution=64, max_tokens=32,
 )
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOY_SD_PATH = ASSETS / "toy-sd"

@@ -223,6 +223,14 @@ class CaptionedLatents:
         return self.latents[indices].float(), ids
 
 
+def clip_text_weights(folder: Path) -> dict:
+    """The text tower of a saved `CLIPModel` as a `CLIPTextModel` state dict (same sizes and vocabulary)."""
+    from safetensors.torch import load_file
+
+    state = load_file(Path(folder) / "model.safetensors")
+    return {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")}
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023, Eq. 9)."""
     alpha_bar = scheduler.alphas_cumprod[timesteps]
@@ -253,6 +261,10 @@ def train_unet(args) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resuming the UNet at step {step} ({step * state['batch']} samples)")
+    elif args.text_init:  # as Stable Diffusion starts from CLIP's text encoder, start from the toy CLIP's
+        text_encoder.load_state_dict(clip_text_weights(args.text_init))
+        ema_text_encoder.load_state_dict(text_encoder.state_dict())
+        print(f"text encoder initialised from the CLIP text tower in {args.text_init}")
     data = CaptionedLatents(cache["latents"], World(cache["seed"]), tokenizer, drop=CAPTION_DROPOUT, seed=args.seed)
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     scaling, warmup = cache["scaling_factor"], 500
@@ -339,7 +351,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="export/classifier/clip: output folder (assets/... otherwise)")
     parser.add_argument("--eval-count", type=int, default=2000, help="classifier/clip: held-out images to report on")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--text-init", default="auto",
+                        help="unet stage, fresh start: a CLIPModel folder whose text tower initialises the text "
+                             "encoder (default: assets/toy-clip if present; 'none': random)")
     args = parser.parse_args(argv)
+    if args.text_init == "auto":
+        from toyworld.clip import CLIP_PATH
+
+        args.text_init = CLIP_PATH if (CLIP_PATH / "model.safetensors").exists() else None
+    args.text_init = None if args.text_init in (None, "none") else Path(args.text_init)
     for key, value in DEFAULTS[args.stage].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
