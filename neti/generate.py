@@ -27,6 +27,7 @@ from .config import DEFAULT_BYPASS_ALPHA
 from .images import make_grid
 from .layers import cross_attention_layers, resolve_layer_names
 from .mapper import check_truncation
+from .models import model_label
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Generator:
 
     def __init__(self, pipe, model_name: str = ""):
         self.pipe = pipe
-        self.model_name = model_name
+        self.model_name = model_label(model_name)
         self.layers = cross_attention_layers(pipe.unet)
         if not has_processors(pipe.unet, self.layers):
             install_processors(pipe.unet, self.layers)

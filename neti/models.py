@@ -23,6 +23,21 @@ def default_model() -> str:
     return os.environ.get("NETI_MODEL", str(BUNDLED_MODEL))
 
 
+def model_label(model: str | os.PathLike | None) -> str:
+    """How a base model is named in concept files and PNG settings: hub ids and outside folders as given, folders
+    inside this repository (the bundled model) relative to it, so a file made on one machine reads the same on
+    another rather than carrying that machine's absolute path."""
+    if model is None or str(model) == "":
+        return ""
+    path = Path(model).expanduser()
+    if path.exists():
+        try:
+            return path.resolve().relative_to(REPO_ROOT).as_posix()
+        except ValueError:
+            return str(path.resolve())
+    return str(model)
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -35,6 +35,7 @@ from .conditioning import TextConditioner, check_placeholder_token, super_catego
 from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig
 from .data import CROP_MODES, ConceptDataset, template_kind
 from .layers import cross_attention_layers
+from .models import model_label
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Trainer:
                  callbacks: Sequence[TrainingCallback] = ()):
         if not images:
             raise ValueError("training needs at least one image")
-        self.pipe, self.config, self.model_name = pipe, config, model_name
+        self.pipe, self.config, self.model_name = pipe, config, model_label(model_name)
         self.callbacks = list(callbacks)
         self._cancel = threading.Event()
         check_placeholder_token(pipe.tokenizer, token)

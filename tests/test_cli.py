@@ -109,3 +109,24 @@ def test_bad_input_exits_2_with_a_readable_message(trained, tiny_model_dir, tmp_
     assert main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--images", str(tmp_path),
                  "--token", "<x>", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_accelerate_launch_runs_the_training_cli(trained, tiny_model_dir, tmp_path):
+    """`accelerate launch -m neti train ...` (one CPU process) trains and writes the concept."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = trained
+    out = tmp_path / "launched.safetensors"
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "neti", "train",
+               "--model", str(tiny_model_dir), "--device", "cpu", "--images", str(root / "photos"),
+               "--token", "<thing>", "--init-token", "cat", "--steps", "1", "--grad-accum", "1",
+               "--checkpoint-every", "0", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Concept.load(out).train_steps == 1

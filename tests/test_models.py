@@ -71,3 +71,13 @@ def test_another_width_and_v_prediction_train_against_the_velocity(sd2_like_dir)
         expected = torch.nn.functional.mse_loss(pred, velocity)
         assert float(trainer.loss(batch)) == pytest.approx(float(expected), rel=1e-6)
         assert float(expected) != pytest.approx(float(torch.nn.functional.mse_loss(pred, batch.noise)), rel=1e-3)
+
+
+def test_model_label_is_portable_for_the_bundled_model(tmp_path):
+    from neti.models import BUNDLED_MODEL, model_label
+
+    assert model_label(BUNDLED_MODEL) == "assets/toy-sd"
+    assert model_label(str(BUNDLED_MODEL / ".." / "toy-sd")) == "assets/toy-sd"
+    assert model_label("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    assert model_label(tmp_path) == str(tmp_path.resolve())
+    assert model_label(None) == ""

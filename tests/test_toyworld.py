@@ -104,11 +104,18 @@ def test_training_script_runs_two_steps_of_every_stage(tmp_path):
     main(["latents", *ck, "--count", "4"])
     main(["unet", *ck, "--steps", "2", "--batch", "2"])
     main(["unet", *ck, "--steps", "3", "--batch", "2"])  # resumes from step 2
-    assert torch.load(tmp_path / "unet.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "unet.pt", weights_only=True)["step"] == 3
+    main(["compact", *ck])  # fp16 EMA, bf16 moments; the run resumes from it
+    assert torch.load(tmp_path / "unet.pt", weights_only=True)["ema_unet"]["conv_in.weight"].dtype == torch.float16
+    main(["unet", *ck, "--steps", "4", "--batch", "2"])
+    assert torch.load(tmp_path / "unet.pt", weights_only=True)["step"] == 4
     main(["export", *ck, "--out", str(tmp_path / "sd")])
     assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
     main(["classifier", *ck, "--steps", "2", "--batch", "4", "--eval-count", "8", "--out", str(tmp_path / "cls")])
     main(["clip", *ck, "--steps", "2", "--batch", "4", "--eval-count", "8", "--out", str(tmp_path / "clip")])
+    for stage in ("classifier", "clip"):  # their checkpoints load with weights_only=True and resume
+        main([stage, *ck, "--steps", "3", "--batch", "4", "--eval-count", "8", "--out", str(tmp_path / stage)])
+        assert torch.load(tmp_path / f"{stage}.pt", weights_only=True)["step"] == 3
     assert (tmp_path / "clip" / "model.safetensors").exists() and (tmp_path / "cls" / "model.safetensors").exists()
 
 

@@ -21,7 +21,7 @@ from toyworld.world import ATTRIBUTES, Labels, Scene
 
 logger = logging.getLogger(__name__)
 
-POOL = 16000  # training images, rendered once
+POOL = 40000  # training images, rendered once
 CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "assets" / "toy-classifier"
 
 
@@ -124,7 +124,7 @@ def train_classifier(args) -> None:
     while step < args.steps and not progress.out_of_time():
         lr = (args.lr or 2e-3) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = float(lr)  # a numpy scalar would not load with weights_only=True
         x, indices = pool_batch(pool, step, args.batch)
         generator = step_generator(args.seed, step)
         x = degrade(torch.where(torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5, x, x.flip(3)), generator)

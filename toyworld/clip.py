@@ -119,7 +119,7 @@ def train_clip(args) -> None:
     while step < args.steps and not progress.out_of_time():
         peak = args.lr or 1e-3
         for group in optimizer.param_groups:
-            group["lr"] = peak * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+            group["lr"] = float(peak * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
         pixels, indices = pool_batch(pool, step, args.batch)
         captions = [partial_caption(scenes[i], np.random.default_rng([args.seed, step, j, 3]))
                     for j, i in enumerate(indices)]

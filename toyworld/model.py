@@ -1,8 +1,9 @@
 """The bundled toy model: its sizes, its vocabulary, and saving it in Stable Diffusion's diffusers layout.
 
 The UNet keeps SD 1.x's block types and `layers_per_block=2` (16 cross-attention layers under SD's module
-names); only widths shrink. The VAE downsamples by 4 (64 px images, 16x16x4 latents) so that colours and small
-patterns survive the latent space. The tokenizer has one token per word of the world's vocabulary and a
+names); only widths shrink. The VAE downsamples by 4 with 8 latent channels (64 px images, 16x16x8 latents) so
+that colours, stripes, dots and the 4-px blocks of "pixelated" images survive the latent space: with SD's 4
+channels a first VAE kept 53% of colours and 42% of patterns (classifier on its reconstructions). The tokenizer has one token per word of the world's vocabulary and a
 32-token context (captions are at most ~16 tokens), which the pipeline reads from the tokenizer, as for SD.
 """
 

@@ -7,6 +7,7 @@
     python -m toyworld.train export      # write the current weights to assets/toy-sd (diffusers layout)
     python -m toyworld.train classifier  # the attribute classifier (evaluation), saved to assets/toy-classifier
     python -m toyworld.train clip        # the toy CLIP (evaluation), saved to assets/toy-clip
+    python -m toyworld.train compact     # shrink unet.pt (fp16 EMA, bf16 moments) to carry it in git
 
 Each training stage keeps one checkpoint, `<checkpoints>/<stage>.pt`, written atomically every
 `--save-minutes` and at the end, with the model, its EMA (UNet stage), the optimiser state and the step. Running
@@ -328,10 +329,30 @@ def export(args) -> None:
     print(f"exported step {info['unet_step']} ({info['samples']} samples) to {out}")
 
 
+def compact(args) -> None:
+    """Shrink `unet.pt` for carrying it across sessions in git: EMA weights in fp16 and AdamW's moments in bf16
+    (the live weights stay fp32). Resuming casts them back (`load_state_dict` copies into fp32 tensors and
+    `Optimizer.load_state_dict` casts state to the parameters' dtype); the run continues within rounding."""
+    path = args.checkpoints / "unet.pt"
+    state = load_checkpoint(path)
+    if state is None:
+        raise SystemExit(f"no UNet checkpoint in {args.checkpoints}")
+    before = path.stat().st_size
+    for key in ("ema_unet", "ema_text_encoder"):
+        state[key] = {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}
+    for param_state in state["optimizer"]["state"].values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in param_state:
+                param_state[name] = param_state[name].to(torch.bfloat16)
+    save_atomic(state, path)
+    print(f"{path}: {before / 1e6:.1f} MB -> {path.stat().st_size / 1e6:.1f} MB (step {state['step']})")
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 
 DEFAULTS = dict(vae=dict(steps=2000, batch=16), latents=dict(steps=0, batch=0), unet=dict(steps=30000, batch=48),
-                classifier=dict(steps=1500, batch=64), clip=dict(steps=2500, batch=128), export=dict(steps=0, batch=0))
+                classifier=dict(steps=1500, batch=64), clip=dict(steps=2500, batch=128), export=dict(steps=0, batch=0),
+                compact=dict(steps=0, batch=0))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -380,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
 
         args.out = args.out or TOY_SD_PATH
         export(args)
+    elif args.stage == "compact":
+        compact(args)
     elif args.stage == "classifier":
         from toyworld.classifier import train_classifier
 
