@@ -109,21 +109,26 @@ def bench_training(pipe, model_name: str, table: Table, args, tmp: Path) -> None
     contenders = {"NeTI": dict(method="neti"), "XTI": dict(method="xti"), "TI": dict(method="ti"),
                   "NeTI per-layer": dict(method="neti", per_layer_conditioning=True)}
 
-    class LastStep(TrainingCallback):
-        def on_step(self, info):
-            self.seconds = info.seconds_per_step
+    class StepTimes(TrainingCallback):
+        def __init__(self):
+            self.seconds = []
 
-    def one_step(kwargs):
-        # a fresh trainer: step 1 warms up (optimiser state, autograd buffers), step 2 is timed
-        config = TrainConfig(steps=2, batch_size=2, grad_accum=args.grad_accum, checkpoint_every=0, **kwargs)
-        probe = LastStep()
+        def on_step(self, info):
+            if info.step >= 2:  # step 1 warms up (optimiser state, autograd buffers)
+                self.seconds.append(info.seconds_per_step)
+
+    def timed_steps(kwargs):
+        # a fresh trainer per round; its steps after the first are timed
+        config = TrainConfig(steps=1 + args.train_steps, batch_size=2, grad_accum=args.grad_accum,
+                             checkpoint_every=0, **kwargs)
+        probe = StepTimes()
         Trainer(pipe, images, "<bench>", args.super_category, config, model_name, [probe]).train(tmp / "t.safetensors")
         return probe.seconds
 
     times = {name: [] for name in contenders}
-    for _ in range(args.train_rounds):  # interleaved rounds
+    for _ in range(args.train_rounds):  # interleaved rounds, so a busy spell slows every method alike
         for name, kwargs in contenders.items():
-            times[name].append(one_step(kwargs))
+            times[name].extend(timed_steps(kwargs))
     med = {k: median(v) for k, v in times.items()}
     micro = f"batch 2 x accumulation {args.grad_accum}"
     for name in contenders:
@@ -227,6 +232,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.cond_repeats = 3 if quick else 5
     args.loop_steps = 5 if quick else None  # timesteps of the official loop actually timed
     args.train_rounds = 2 if quick else 5
+    args.train_steps = 1 if quick else 3  # timed steps per round and method
     args.grad_accum = 1 if quick else 4
     args.gen_steps = 20 if quick else 50
     args.gen_repeats = 2 if quick else 5

@@ -205,7 +205,7 @@ class Trainer:
         super_embedding = self.conditioner.embedding_of(super_id).float()
         mapper_config = config.mapper_config(pipe.text_encoder.config.hidden_size, len(self.layers),
                                              float(super_embedding.norm()))
-        self.concept = Concept(token, super_category, mapper_config, [x.name for x in self.layers], model_name)
+        self.concept = Concept(token, super_category, mapper_config, [x.name for x in self.layers], self.model_name)
         if mapper_config.method != "neti":
             self.concept.mapper.initialize(super_embedding)
         self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -81,3 +81,14 @@ def test_model_label_is_portable_for_the_bundled_model(tmp_path):
     assert model_label("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
     assert model_label(tmp_path) == str(tmp_path.resolve())
     assert model_label(None) == ""
+
+
+def test_trained_concepts_and_pngs_name_the_bundled_model_portably(tiny_pipe):
+    from PIL import Image
+
+    from neti.train import TrainConfig, Trainer
+
+    trainer = Trainer(tiny_pipe, [Image.new("RGB", (32, 32), "red")], "<thing>", "cat", TrainConfig(steps=1),
+                      str(BUNDLED_MODEL))
+    assert trainer.concept.base_model == "assets/toy-sd"
+    assert Generator(tiny_pipe, str(BUNDLED_MODEL)).model_name == "assets/toy-sd"

@@ -112,13 +112,15 @@ class Progress:
 def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
     """Colour-aware reconstruction loss: L1 + MSE on pixels with object pixels (those unlike the background,
     read at the corner, which objects never cover) weighted 5x, an L1 on 4x4-pooled colours so flat colours are
-    kept exactly, and a small KL."""
+    kept exactly, an L1 on horizontal and vertical pixel differences so edges, dots and the blocks of pixelated
+    images stay sharp, and a small KL."""
     background = target[:, :, :1, :1]
     weight = 1 + 4 * ((target - background).abs().sum(dim=1, keepdim=True) > 0.1).float()  # (B, 1, H, W)
     error = recon - target
     pixels = (weight * (error.abs() + error ** 2)).mean() / weight.mean()
     pooled = F.l1_loss(F.avg_pool2d(recon, 4), F.avg_pool2d(target, 4))
-    return pixels + 2 * pooled + kl_weight * kl.mean()
+    edges = sum(F.l1_loss(recon.diff(dim=d), target.diff(dim=d)) for d in (2, 3))
+    return pixels + 2 * pooled + edges + kl_weight * kl.mean()
 
 
 def train_vae(args) -> None:
@@ -133,6 +135,9 @@ def train_vae(args) -> None:
         vae.load_state_dict(state["vae"]), optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resuming the VAE at step {step}")
+    elif args.decoder_only:  # no checkpoint carried over: the exported VAE defines the latent space
+        vae.load_state_dict(load_vae(args.checkpoints).state_dict())
+        print("starting from the exported VAE (no vae.pt); a fresh optimiser")
     if args.decoder_only:  # the latent space (and so any UNet trained on it) stays fixed
         vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
         print("training the decoder only: the encoder is frozen")
@@ -330,27 +335,32 @@ def export(args) -> None:
 
 
 def compact(args) -> None:
-    """Shrink `unet.pt` for carrying it across sessions in git: EMA weights in fp16 and AdamW's moments in bf16
-    (the live weights stay fp32). Resuming casts them back (`load_state_dict` copies into fp32 tensors and
-    `Optimizer.load_state_dict` casts state to the parameters' dtype); the run continues within rounding."""
-    path = args.checkpoints / "unet.pt"
-    state = load_checkpoint(path)
-    if state is None:
-        raise SystemExit(f"no UNet checkpoint in {args.checkpoints}")
-    before = path.stat().st_size
-    for key in ("ema_unet", "ema_text_encoder"):
-        state[key] = {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}
-    for param_state in state["optimizer"]["state"].values():
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in param_state:
-                param_state[name] = param_state[name].to(torch.bfloat16)
-    save_atomic(state, path)
-    print(f"{path}: {before / 1e6:.1f} MB -> {path.stat().st_size / 1e6:.1f} MB (step {state['step']})")
+    """Shrink `unet.pt` and `vae.pt` for carrying them across sessions in git: EMA weights in fp16 and AdamW's
+    moments in bf16 (the live weights stay fp32). Resuming casts them back (`load_state_dict` copies into fp32
+    tensors and `Optimizer.load_state_dict` casts state to the parameters' dtype); the run continues within
+    rounding."""
+    found = False
+    for name, emas in (("unet.pt", ("ema_unet", "ema_text_encoder")), ("vae.pt", ())):
+        path = args.checkpoints / name
+        state = load_checkpoint(path)
+        if state is None:
+            continue
+        found, before = True, path.stat().st_size
+        for key in emas:
+            state[key] = {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}
+        for param_state in state["optimizer"]["state"].values():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in param_state:
+                    param_state[moment] = param_state[moment].to(torch.bfloat16)
+        save_atomic(state, path)
+        print(f"{path}: {before / 1e6:.1f} MB -> {path.stat().st_size / 1e6:.1f} MB (step {state['step']})")
+    if not found:
+        raise SystemExit(f"no UNet or VAE checkpoint in {args.checkpoints}")
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 
-DEFAULTS = dict(vae=dict(steps=2000, batch=16), latents=dict(steps=0, batch=0), unet=dict(steps=30000, batch=48),
+DEFAULTS = dict(vae=dict(steps=2000, batch=16), latents=dict(steps=0, batch=0), unet=dict(steps=100000, batch=48),
                 classifier=dict(steps=1500, batch=64), clip=dict(steps=2500, batch=128), export=dict(steps=0, batch=0),
                 compact=dict(steps=0, batch=0))
 
