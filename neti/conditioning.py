@@ -23,7 +23,7 @@ from torch import nn
 
 PLACEHOLDER = "{}"
 # Tokens (rows x sequence length) per text-encoder call. On the CPU small chunks keep the activations in cache:
-# 50 steps x 16 layers of the bundled model encode 1.7x faster in chunks of 2,048 tokens than in one call
+# 50 steps x 16 layers of the bundled model encode ~1.9x faster in chunks of 2,048 tokens than in one call
 # (benchmarks/README.md). Accelerators take one call for 50 steps x 16 layers x 77 tokens.
 CHUNK_TOKENS = {"cpu": 2048}
 DEFAULT_CHUNK_TOKENS = 65536

@@ -122,7 +122,7 @@ def test_metrics_equal_the_protocols_formulas_and_the_cache_resumes(generator, t
     train = embed_images([Image.open(training_dir / f"{i}.png").convert("RGB") for i in range(3)])
     for point in report.points:
         entry = next(e for e in entries if e.name == point.concept)
-        pairs, image_cos, text_cos = [], [], []
+        image_cos, text_cos = [], []
         for prompt in PROMPTS:
             text = embed_text(prompt.replace("{}", "").replace("  ", " ").strip())
             for seed in (0, 1):

@@ -7,7 +7,7 @@
     python -m toyworld.train export      # write the current weights to assets/toy-sd (diffusers layout)
     python -m toyworld.train classifier  # the attribute classifier (evaluation), saved to assets/toy-classifier
     python -m toyworld.train clip        # the toy CLIP (evaluation), saved to assets/toy-clip
-    python -m toyworld.train compact     # shrink unet.pt (fp16 EMA, bf16 moments) to carry it in git
+    python -m toyworld.train compact     # shrink unet.pt and vae.pt (fp16 EMA, bf16 moments) to carry them in git
 
 Each training stage keeps one checkpoint, `<checkpoints>/<stage>.pt`, written atomically every
 `--save-minutes` and at the end, with the model, its EMA (UNet stage), the optimiser state and the step. Running
