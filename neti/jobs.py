@@ -82,10 +82,25 @@ class _Recorder(TrainingCallback):
         self.job._record_preview(info)
 
 
-class TrainingManager:
-    """Runs at most one `Trainer` at a time in a background thread; `snapshot()` is always safe to call."""
+def background_threads() -> int:
+    """CPU threads for a background training: half the cores (at least one), leaving the rest to generation.
 
-    def __init__(self):
+    Torch work from a second Python thread runs its own OpenMP team, which contends with the team of the thread
+    that ran torch work first: on this project's 2-core machine a training step in a background thread took
+    1.10 s with 2 threads, against 0.43 s with 1 thread and 0.50 s in the main thread (benchmarks/README.md)."""
+    import os
+
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class TrainingManager:
+    """Runs at most one `Trainer` at a time in a background thread; `snapshot()` is always safe to call.
+
+    While it trains, torch uses `threads` CPU threads (default `background_threads()`; torch's setting is
+    process-wide, so generation requests meanwhile use them too); on a GPU they hardly matter."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or background_threads()
         self._lock = threading.Lock()
         self._snap = TrainingSnapshot()
         self._trainer: Trainer | None = None
@@ -140,6 +155,10 @@ class TrainingManager:
         return self.snapshot()
 
     def _run(self, trainer: Trainer, out_path: Path, on_done) -> None:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # torch's setting is process-wide: restored when the training ends
         try:
             result = trainer.train(out_path)
             with self._lock:
@@ -150,6 +169,7 @@ class TrainingManager:
             with self._lock:
                 self._update(status="failed", error=f"{type(exc).__name__}: {exc}", eta_seconds=None)
         finally:
+            torch.set_num_threads(previous)
             self._trainer = None
             if on_done is not None:
                 try:

@@ -224,3 +224,26 @@ def test_snapshot_smooths_the_loss_and_estimates_time_left():
     snap = manager.snapshot()
     assert snap.losses == (1.0, 0.0, 0.0) and snap.smoothed == pytest.approx((1.0, LOSS_EMA, LOSS_EMA ** 2))
     assert snap.step == 3 and snap.eta_seconds == pytest.approx(7 * 2.0)
+
+
+def test_background_training_runs_with_the_managers_cpu_threads(tiny_pipe, tmp_path):
+    """The training thread sets its own torch threads (default: half the cores), so it does not contend with
+    the OpenMP team of the thread that loaded the model."""
+    import threading
+
+    import torch
+
+    from neti.jobs import TrainingManager, background_threads
+    from neti.train import TrainConfig
+
+    seen, done = [], threading.Event()
+    before = torch.get_num_threads()
+    manager = TrainingManager(threads=before + 1)
+    original = manager._record_step
+    manager._record_step = lambda info: (seen.append(torch.get_num_threads()), original(info))
+    manager.start(tiny_pipe, "tiny", [Image.new("RGB", (32, 32), "red")], "t", "<t>", "cat",
+                  TrainConfig(steps=2, grad_accum=1, checkpoint_every=0), tmp_path / "t.safetensors",
+                  on_done=lambda path: done.set())
+    assert done.wait(120) and manager.snapshot().status == "finished"
+    assert seen == [before + 1] * 2 and torch.get_num_threads() == before  # set while training, then restored
+    assert TrainingManager().threads == background_threads() >= 1
