@@ -101,7 +101,7 @@ def load_classifier(folder: str | Path = CLASSIFIER_PATH) -> AttributeClassifier
 
 def train_classifier(args) -> None:
     """Train on World(seed) images rendered on the fly; report accuracy on World(seed + 1)."""
-    from toyworld.train import Progress, image_pool, load_checkpoint, pool_batch, save_atomic, step_generator
+    from toyworld.train import Progress, image_pool, load_checkpoint, optimise, pool_batch, save_atomic, step_generator
     from toyworld.world import World, dataset
 
     path = args.checkpoints / "classifier.pt"
@@ -130,13 +130,9 @@ def train_classifier(args) -> None:
         x = degrade(torch.where(torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5, x, x.flip(3)), generator)
         logits = classifier(x)
         loss = sum(F.cross_entropy(logits[k], targets[k][indices]) for k in logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimise(optimizer, loss)
         step += 1
-        progress.print(f"classifier step {step} loss {loss.item():.4f}")
-        if progress.save_due():
-            save()
+        progress.after_step(f"classifier step {step} loss {loss.item():.4f}", save)
     progress.close()
     save()
     classifier.eval()

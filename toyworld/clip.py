@@ -98,7 +98,7 @@ def _features(output) -> torch.Tensor:
 def train_clip(args) -> None:
     """Contrastive (InfoNCE, symmetric) training on World(seed) images; zero-shot report on World(seed + 1)."""
     from toyworld.model import build_tokenizer
-    from toyworld.train import Progress, image_pool, load_checkpoint, pool_batch, save_atomic
+    from toyworld.train import Progress, image_pool, load_checkpoint, optimise, pool_batch, save_atomic
     from toyworld.world import dataset
 
     path = args.checkpoints / "clip.pt"
@@ -131,13 +131,9 @@ def train_clip(args) -> None:
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
         target = same / same.sum(dim=1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimise(optimizer, loss)
         step += 1
-        progress.print(f"clip step {step} loss {loss.item():.4f}")
-        if progress.save_due():
-            save()
+        progress.after_step(f"clip step {step} loss {loss.item():.4f}", save)
     progress.close()
     save()
     model.eval()

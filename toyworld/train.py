@@ -69,6 +69,15 @@ def pool_batch(images: np.ndarray, step: int, size: int) -> tuple[torch.Tensor, 
     return torch.from_numpy(images[indices]).permute(0, 3, 1, 2).float() / 127.5 - 1, indices
 
 
+def optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_params=None) -> None:
+    """One optimiser step on `loss`, with gradient-norm clipping to 1 over `clip_params` when given."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+
+
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
 
@@ -96,6 +105,12 @@ class Progress:
         if time.time() - self.last_print >= self.every:
             self.last_print = time.time()
             print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def after_step(self, text: str, save) -> None:
+        """Print progress and write a checkpoint with `save()` when one is due."""
+        self.print(text)
+        if self.save_due():
+            save()
 
     def save_due(self) -> bool:
         if time.time() - self.last_save >= self.save_seconds:
@@ -154,14 +169,9 @@ def train_vae(args) -> None:
             posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=step_generator(args.seed, step))
         loss = vae_loss(vae.decode(z).sample, x, posterior.kl(), kl_weight=1e-6)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
+        optimise(optimizer, loss, [p for p in vae.parameters() if p.requires_grad])
         step += 1
-        progress.print(f"vae step {step} loss {loss.item():.4f}")
-        if progress.save_due():
-            save()
+        progress.after_step(f"vae step {step} loss {loss.item():.4f}", save)
     progress.close()
     save()
     print(f"VAE at step {step}, saved to {path}")
@@ -293,10 +303,7 @@ def train_unet(args) -> None:
         prediction = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (min_snr_weights(scheduler, t) * per_sample).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimise(optimizer, loss, params)
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -305,10 +312,8 @@ def train_unet(args) -> None:
                     e.lerp_(p, 1 - decay)
         losses.append(loss.item())
         rate = (step - start_step) * args.batch / (time.time() - progress.start)
-        progress.print(f"unet step {step} samples {step * args.batch} loss {np.mean(losses[-100:]):.4f} "
-                       f"{rate:.1f} samples/s")
-        if progress.save_due():
-            save()
+        progress.after_step(f"unet step {step} samples {step * args.batch} loss {np.mean(losses[-100:]):.4f} "
+                            f"{rate:.1f} samples/s", save)
     progress.close()
     save()
     print(f"UNet at step {step} ({step * args.batch} samples), saved to {path}")
