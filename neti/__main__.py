@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scale-lr", action="store_true", help="do not multiply lr by batch x accumulation")
     p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
     p.add_argument("--templates", choices=["object", "style"], default="object")
+    p.add_argument("--no-captions", action="store_true", help="ignore the images' own captions (a sidecar "
+                   "NAME.txt or PNG 'caption' chunk, e.g. 'a {} on a white background'): random templates only")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
     p.add_argument("--crop", choices=["center", "random"], default="center", help="how images are cropped square")
     p.add_argument("--flip-p", type=float, default=0.5, help="probability of a horizontal flip (0 for text, logos)")
@@ -183,6 +185,7 @@ def cmd_train(args) -> None:
     config = TrainConfig(
         method=args.method, ablations=tuple(args.ablation), steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, learning_rate=args.lr, scale_lr=not args.no_scale_lr, templates=args.templates,
+        use_captions=not args.no_captions,
         lr_warmup_steps=args.lr_warmup_steps, resolution=args.resolution, crop=args.crop, flip_p=args.flip_p,
         preview_steps=args.preview_steps, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -209,7 +212,7 @@ def cmd_train(args) -> None:
 
     pipe = load_pipeline(args.model, args.device)
     progress = Progress()
-    trainer = Trainer(pipe, images.pil_images, args.token, args.super_category, config, args.model, [progress])
+    trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress])
     try:
         result = trainer.train(out, resume=args.resume)
     except KeyboardInterrupt:

@@ -35,17 +35,25 @@ def unpack(packed: torch.Tensor, num_layers: int) -> tuple[torch.Tensor, torch.T
 class NetiCrossAttnProcessor:
     """Scaled-dot-product cross-attention for layer `index` of `num_layers`, keys and values from packed text.
 
-    An unpacked `encoder_hidden_states` (its length not a multiple of 2L) is used for both keys and values, so a
-    UNet with these processors still runs plain prompts exactly as diffusers' `AttnProcessor2_0` does.
+    An unpacked `encoder_hidden_states` is used for both keys and values, so a UNet with these processors still
+    runs plain prompts exactly as diffusers' `AttnProcessor2_0` does. Packed means a length of 2L x `seq_len`
+    (the tokenizer's length) when `seq_len` is known, else any multiple of 2L: the bundled model's 32-token
+    prompts with its 16 layers are such a multiple, so the pipeline code always passes `seq_len`.
     """
 
-    def __init__(self, index: int, num_layers: int):
+    def __init__(self, index: int, num_layers: int, seq_len: int | None = None):
         self.index = index
         self.num_layers = num_layers
+        self.seq_len = seq_len
+
+    def is_packed(self, total: int) -> bool:
+        if self.seq_len is not None:
+            return total == 2 * self.num_layers * self.seq_len
+        return total % (2 * self.num_layers) == 0
 
     def split(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, total, dim = encoder_hidden_states.shape
-        if total % (2 * self.num_layers):
+        if not self.is_packed(total):
             return encoder_hidden_states, encoder_hidden_states
         both = encoder_hidden_states.view(batch, self.num_layers, 2, total // (2 * self.num_layers), dim)
         return both[:, self.index, 0], both[:, self.index, 1]
@@ -89,14 +97,22 @@ class NetiCrossAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def install_processors(unet: nn.Module, layers: list[CrossAttentionLayer]) -> None:
-    """Give every cross-attention layer its NeTI processor; other attention keeps its processor."""
+def install_processors(unet: nn.Module, layers: list[CrossAttentionLayer], seq_len: int | None = None) -> None:
+    """Give every cross-attention layer its NeTI processor; other attention keeps its processor. `seq_len`, the
+    text encoder's sequence length, tells packed encodings from plain ones of any length."""
     processors = dict(unet.attn_processors)
     for layer in layers:
-        processors[f"{layer.path}.processor"] = NetiCrossAttnProcessor(layer.index, len(layers))
+        processors[f"{layer.path}.processor"] = NetiCrossAttnProcessor(layer.index, len(layers), seq_len)
     unet.set_attn_processor(processors)
 
 
-def has_processors(unet: nn.Module, layers: list[CrossAttentionLayer]) -> bool:
+def has_processors(unet: nn.Module, layers: list[CrossAttentionLayer], seq_len: int | None = None) -> bool:
     current = unet.attn_processors
-    return all(isinstance(current.get(f"{layer.path}.processor"), NetiCrossAttnProcessor) for layer in layers)
+    return all(isinstance(p := current.get(f"{layer.path}.processor"), NetiCrossAttnProcessor)
+               and p.seq_len == seq_len and p.num_layers == len(layers) for layer in layers)
+
+
+def ensure_processors(unet: nn.Module, layers: list[CrossAttentionLayer], seq_len: int | None = None) -> None:
+    """Install the NeTI processors unless this UNet already has them for these layers and sequence length."""
+    if not has_processors(unet, layers, seq_len):
+        install_processors(unet, layers, seq_len)

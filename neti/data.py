@@ -13,6 +13,9 @@ holds that pipeline and everything users' files need before it:
   random crop).
 - `ConceptDataset` yields `{"pixel_values", "template"}` items whose randomness depends only on (seed, index),
   so a resumed run sees exactly the data of an uninterrupted one.
+- Captions (our addition, as kohya_ss's caption files): an image may carry its own template, e.g. "a {} on a
+  white background", in a sidecar `<name>.txt` or a PNG text chunk `caption`; it replaces the random template
+  for that image, so that what the words already explain (the background) is not learnt into the concept.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ __all__ = [
     "ImageInputError",
     "ImageSet",
     "LoadedImage",
+    "CAPTION_CHUNK",
     "load_images",
+    "read_caption",
     "read_image",
     "template_kind",
     "to_tensor",
@@ -134,6 +139,7 @@ class LoadedImage:
 
     path: Path  # the file it was read from
     image: Image.Image  # 8-bit RGB, EXIF orientation applied, transparency composited on white
+    caption: str | None = None  # its own prompt template with {} (see `read_caption`), if it has one
 
 
 @dataclass(frozen=True)
@@ -220,7 +226,7 @@ def load_images(
         if image is None:
             skipped.append((path, reason))
         else:
-            images.append(LoadedImage(path=path, image=image))
+            images.append(LoadedImage(path=path, image=image, caption=read_caption(path)))
 
     if not images:
         listing = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
@@ -300,6 +306,33 @@ def _candidate_files(source: str | os.PathLike | Sequence[str | os.PathLike]) ->
 
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+CAPTION_CHUNK = "caption"  # the PNG text chunk that may hold an image's caption
+
+
+def read_caption(path: str | os.PathLike) -> str | None:
+    """An image's own prompt template: the sidecar `<name>.txt` (first line), else the PNG text chunk `caption`;
+    None when it has neither. A caption must hold exactly one `{}` where the concept goes."""
+    path = Path(path)
+    sidecar = path.with_suffix(".txt")
+    caption, source = None, ""
+    if sidecar.is_file():
+        lines = sidecar.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        caption, source = (lines[0].strip() if lines else ""), f"caption file {sidecar}"
+    else:
+        try:
+            with Image.open(path) as opened:
+                caption = (getattr(opened, "text", None) or {}).get(CAPTION_CHUNK)
+        except Exception:  # not an image Pillow reads: read_image reports it
+            return None
+        source = f"the '{CAPTION_CHUNK}' text chunk of {path}"
+    if caption is None:
+        return None
+    try:
+        return _check_templates([caption])[0]
+    except ValueError as error:
+        raise ImageInputError(f"{source}: {error}") from None
 
 
 def read_image(path: str | os.PathLike) -> tuple[Image.Image | None, str]:
@@ -479,8 +512,9 @@ class ConceptDataset(torch.utils.data.Dataset):
     """The concept's training items: `{"pixel_values": (3, R, R) float32 in [-1, 1], "template": str}`.
 
     Item `i` shows image `i % len(images)`, cropped (centre or random) and flipped horizontally with
-    probability `flip_p`, with a template drawn from `templates`; the template keeps its `{}`, which the
-    trainer fills with the placeholder. All of an item's randomness comes from its own `random.Random` seeded
+    probability `flip_p`, with a template drawn from `templates`, or the image's own caption when it is a
+    `LoadedImage` with one and `use_captions` is set; the template keeps its `{}`, which the trainer fills with
+    the placeholder. All of an item's randomness comes from its own `random.Random` seeded
     with (seed, i), drawn in the order template, flip, crop: an item never depends on global random state or on
     which items were read before it, so resuming training reproduces the same data.
     """
@@ -494,6 +528,7 @@ class ConceptDataset(torch.utils.data.Dataset):
         crop: str = "center",
         seed: int = 0,
         repeats: int = 100,
+        use_captions: bool = True,
     ) -> None:
         _check_resolution(resolution)
         _check_crop(crop)
@@ -506,6 +541,8 @@ class ConceptDataset(torch.utils.data.Dataset):
         self.templates: tuple[str, ...] = _check_templates(templates)
 
         pils = [item.image if isinstance(item, LoadedImage) else item for item in images]
+        self.captions: tuple[str | None, ...] = tuple(
+            item.caption if use_captions and isinstance(item, LoadedImage) else None for item in images)
         if not pils:
             raise ValueError("ConceptDataset needs at least one image; got none (NeTI uses 3-10).")
         for index, pil in enumerate(pils):
@@ -537,7 +574,8 @@ class ConceptDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} is out of range for a ConceptDataset of {length} items.")
         index %= length  # negative indices read the same item as their positive twin
         rng = random.Random(f"{self.seed}/{index}")  # str seeds hash with SHA-512: stable across processes
-        template = rng.choice(self.templates)
+        template = rng.choice(self.templates)  # drawn even when a caption replaces it: same data either way
+        template = self.captions[index % self.num_images] or template
         flip = rng.random() < self.flip_p
         pixels = self._pixels[index % self.num_images]
         _, height, width = pixels.shape

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .attention import has_processors, install_processors, pack
+from .attention import ensure_processors, pack
 from .concept import Concept
 from .conditioning import Encoding, TextConditioner, format_prompt
 from .config import DEFAULT_BYPASS_ALPHA
@@ -98,9 +98,8 @@ class Generator:
         self.pipe = pipe
         self.model_name = model_label(model_name)
         self.layers = cross_attention_layers(pipe.unet)
-        if not has_processors(pipe.unet, self.layers):
-            install_processors(pipe.unet, self.layers)
         self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder)
+        ensure_processors(pipe.unet, self.layers, self.conditioner.max_length)
         self.token_dim = pipe.text_encoder.config.hidden_size
 
     @property

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .concept import Concept, export_textual_inversion, import_official
-from .data import ImageInputError, read_image
+from .data import ImageInputError, LoadedImage, read_caption, read_image
 from .generate import Generator, Result, Sampling
 from .images import save_png
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
@@ -47,7 +47,7 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file
 @dataclass(frozen=True)
 class UploadCheck:
     paths: list[Path]  # accepted files, in upload order
-    images: list  # their decoded RGB images
+    images: list  # their decoded RGB images with their captions (`neti.data.LoadedImage`)
     rejected: list[tuple[str, str]]  # (file name, reason)
 
     def messages(self) -> list[str]:
@@ -81,8 +81,13 @@ def check_uploads(paths: Sequence[str | os.PathLike], max_files: int = MAX_UPLOA
         if image is None:
             rejected.append((path.name, f"not usable as an image ({reason})"))
             continue
+        try:
+            caption = read_caption(path)
+        except ImageInputError as exc:
+            rejected.append((path.name, str(exc)))
+            continue
         accepted.append(path)
-        images.append(image)
+        images.append(LoadedImage(path, image, caption))
     return UploadCheck(accepted, images, rejected)
 
 

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
-from .attention import has_processors, install_processors, pack
+from .attention import ensure_processors, pack
 from .concept import Concept, atomic_write
 from .conditioning import TextConditioner, check_placeholder_token, super_category_id
 from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig
-from .data import CROP_MODES, ConceptDataset, template_kind
+from .data import CROP_MODES, ConceptDataset, LoadedImage, template_kind
 from .layers import cross_attention_layers
 from .models import model_label
 
@@ -60,6 +60,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     lr_warmup_steps: int = 0  # constant schedule after warm-up
     templates: str = "object"  # "object" or "style" prompt templates
+    use_captions: bool = True  # an image's own caption (neti.data.read_caption) replaces the random template
     flip_p: float = 0.5
     crop: str = "center"
     resolution: int | None = None  # None: the base model's resolution
@@ -188,7 +189,7 @@ def _seed_for(seed: int, micro_step: int) -> int:
 class Trainer:
     """Trains one concept on a loaded `StableDiffusionPipeline`'s frozen components."""
 
-    def __init__(self, pipe, images: Sequence[Image.Image], token: str, super_category: str,
+    def __init__(self, pipe, images: Sequence[Image.Image | LoadedImage], token: str, super_category: str,
                  config: TrainConfig = TrainConfig(), model_name: str = "",
                  callbacks: Sequence[TrainingCallback] = ()):
         if not images:
@@ -199,9 +200,8 @@ class Trainer:
         check_placeholder_token(pipe.tokenizer, token)
         super_id = super_category_id(pipe.tokenizer, super_category)
         self.layers = cross_attention_layers(pipe.unet)
-        if not has_processors(pipe.unet, self.layers):
-            install_processors(pipe.unet, self.layers)
         self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder)
+        ensure_processors(pipe.unet, self.layers, self.conditioner.max_length)
         super_embedding = self.conditioner.embedding_of(super_id).float()
         mapper_config = config.mapper_config(pipe.text_encoder.config.hidden_size, len(self.layers),
                                              float(super_embedding.norm()))
@@ -210,7 +210,8 @@ class Trainer:
             self.concept.mapper.initialize(super_embedding)
         self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.dataset = ConceptDataset(list(images), self.resolution, template_kind(config.templates),
-                                      flip_p=config.flip_p, crop=config.crop, seed=config.seed)
+                                      flip_p=config.flip_p, crop=config.crop, seed=config.seed,
+                                      use_captions=config.use_captions)
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

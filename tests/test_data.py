@@ -463,3 +463,48 @@ def test_dataset_accepts_loaded_images_and_rejects_none(tmp_path):
     assert torch.equal(dataset[0]["pixel_values"][:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
     with pytest.raises(ValueError, match="at least one image"):
         ConceptDataset([], resolution=8)
+
+
+# ---- captions: an image's own template ------------------------------------------------------------------------
+
+def _png_with_caption(path, caption=None, colour=RED):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if caption is not None:
+        info.add_text("caption", caption)
+    Image.new("RGB", (8, 8), colour).save(path, pnginfo=info)
+    return path
+
+
+def test_captions_come_from_a_sidecar_txt_or_the_png_caption_chunk(tmp_path):
+    _png_with_caption(tmp_path / "a.png", "a {} on a green background")
+    _png_with_caption(tmp_path / "b.png", "a {} in the chunk")
+    (tmp_path / "b.txt").write_text("a {} on a white background\nsecond line ignored\n")
+    _png_with_caption(tmp_path / "c.png")
+    loaded = load_images(tmp_path)
+    assert [x.path.name for x in loaded] == ["a.png", "b.png", "c.png"]  # the .txt is not an image
+    assert [x.caption for x in loaded] == ["a {} on a green background", "a {} on a white background", None]
+
+
+@pytest.mark.parametrize("where", ["sidecar", "chunk"])
+def test_a_caption_without_its_placeholder_is_rejected_naming_the_file(tmp_path, where):
+    path = _png_with_caption(tmp_path / "x.png", "a cat" if where == "chunk" else None)
+    if where == "sidecar":
+        (tmp_path / "x.txt").write_text("a cat on a sofa")
+    with pytest.raises(ImageInputError, match=r"x\.(png|txt).*exactly one '\{\}'"):
+        load_images(tmp_path)
+
+
+def test_dataset_uses_each_images_caption_and_otherwise_the_same_random_data(tmp_path):
+    _png_with_caption(tmp_path / "a.png", "a {} on a blue background", RED)
+    _png_with_caption(tmp_path / "b.png", None, GREEN)
+    images = list(load_images(tmp_path))
+    with_captions = ConceptDataset(images, 8, seed=3)
+    without = ConceptDataset(images, 8, seed=3, use_captions=False)
+    plain = ConceptDataset([x.image for x in images], 8, seed=3)
+    for i in range(20):
+        a, b, c = with_captions[i], without[i], plain[i]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(b["pixel_values"], c["pixel_values"])
+        assert b["template"] == c["template"] and b["template"] in OBJECT_TEMPLATES
+        assert a["template"] == ("a {} on a blue background" if i % 2 == 0 else b["template"])

@@ -95,6 +95,27 @@ def test_processor_with_plain_text_equals_diffusers_attnprocessor2_0():
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 
 
+def test_processor_with_known_seq_len_runs_a_plain_32_token_prompt_with_16_layers():
+    """The bundled model's prompts are 32 tokens and 2 x 16 layers = 32: without `seq_len` such a plain
+    encoding would be read as packed (1 token per layer)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=8, heads=4, dim_head=8)
+    hidden, text = torch.randn(2, 64, 32), torch.randn(2, 32, 8)
+    keys, values = torch.randn(2, 16, 32, 8), torch.randn(2, 16, 32, 8)
+    with torch.no_grad():
+        expected = AttnProcessor2_0()(attn, hidden, encoder_hidden_states=text)
+        ours = NetiCrossAttnProcessor(index=3, num_layers=16, seq_len=32)(attn, hidden, encoder_hidden_states=text)
+        guessing = NetiCrossAttnProcessor(index=3, num_layers=16)(attn, hidden, encoder_hidden_states=text)
+        packed = NetiCrossAttnProcessor(index=3, num_layers=16, seq_len=32)(
+            attn, hidden, encoder_hidden_states=pack(keys, values))
+        reference = NetiCrossAttnProcessor(index=3, num_layers=16)(attn, hidden, encoder_hidden_states=pack(keys, values))
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(guessing, expected, atol=1e-3)
+    torch.testing.assert_close(packed, reference, atol=0, rtol=0)
+
+
 def test_processor_uses_its_own_layers_keys_and_values():
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -119,7 +140,7 @@ def test_installed_processors_leave_a_plain_unet_call_unchanged(tiny_pipe):
     unet = tiny_pipe.unet
     before = unet_call(unet)
     layers = cross_attention_layers(unet)
-    install_processors(unet, layers)
+    install_processors(unet, layers, seq_len=tiny_pipe.tokenizer.model_max_length)
     processors = unet.attn_processors
     assert sum(isinstance(p, NetiCrossAttnProcessor) for p in processors.values()) == 16
     assert not isinstance(processors["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"],

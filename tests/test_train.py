@@ -237,3 +237,30 @@ def test_trainers_with_different_mixed_precision_can_follow_each_other(tiny_pipe
     result = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=1, mixed_precision="bf16")).train(
         tmp_path / "b.safetensors")
     assert result.steps_done == 1 and math.isfinite(result.losses[0])
+
+
+def test_images_with_captions_train_on_their_captions_and_the_choice_is_saved(tiny_pipe, images, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    from neti.data import LoadedImage, read_caption
+    from neti.studio import check_uploads
+
+    paths = []
+    for i, image in enumerate(images):
+        info = PngInfo()
+        info.add_text("caption", f"a {{}} on a background number {i}")
+        image.save(tmp_path / f"{i}.png", pnginfo=info)
+        paths.append(tmp_path / f"{i}.png")
+    check = check_uploads(paths)  # what the app's uploads go through: the caption travels inside the PNG
+    assert [x.caption for x in check.images] == [read_caption(p) for p in paths]
+    assert all(isinstance(x, LoadedImage) for x in check.images)
+    trainer = Trainer(tiny_pipe, check.images, "<thing>", "cat", quick(batch_size=4))
+    for step in range(3):
+        for prompt in trainer.make_batch(step).prompts:
+            assert prompt.startswith("a <thing> on a background number "), prompt
+    ignoring = Trainer(tiny_pipe, check.images, "<thing>", "cat", quick(batch_size=4, use_captions=False))
+    assert all("background number" not in p for s in range(3) for p in ignoring.make_batch(s).prompts)
+    (tmp_path / "1.txt").write_text("no placeholder here")
+    check = check_uploads(paths)
+    assert len(check.images) == 2 and check.rejected[0][0] == "1.png" and "exactly one '{}'" in check.rejected[0][1]
+    assert TrainConfig.from_json(quick(use_captions=False).to_json()).use_captions is False  # saved in checkpoints

@@ -2,7 +2,9 @@
 
 Each concept combines a shape and a pattern held out of the training world (a crescent, a heart, a hexagon;
 checks) with colours the captions never name or a second colour, so no prompt in the model's vocabulary draws
-it: it must be learned, as the NeTI paper's concepts are. Images vary in background, position and size.
+it: it must be learned, as the NeTI paper's concepts are. Images vary in background, position and size. Each
+PNG carries its caption, "a {} on a <background> background", in a `caption` text chunk (`neti.data.read_caption`),
+so that training learns the thing and not its backgrounds, in the CLI and through the app's uploads alike.
 
     python -m toyworld.examples            # writes assets/examples/<name>/{0..4}.png and concept.json
 """
@@ -62,6 +64,9 @@ def example_scenes(concept: ExampleConcept, seed: int = 0) -> list[Scene]:
 def write_examples(folder: str | Path = EXAMPLES_PATH, seed: int = 0) -> list[Path]:
     """Write each concept's five PNGs and `concept.json` under `folder/<name>/`."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from neti.data import CAPTION_CHUNK
 
     words = set(vocabulary())
     written = []
@@ -72,7 +77,9 @@ def write_examples(folder: str | Path = EXAMPLES_PATH, seed: int = 0) -> list[Pa
         out.mkdir(parents=True, exist_ok=True)
         files = []
         for i, scene in enumerate(example_scenes(concept, seed)):
-            Image.fromarray(render(scene)).save(out / f"{i}.png")
+            info = PngInfo()
+            info.add_text(CAPTION_CHUNK, f"a {{}} on a {scene.background} background")
+            Image.fromarray(render(scene)).save(out / f"{i}.png", pnginfo=info)
             files.append(f"{i}.png")
         meta = dict(name=concept.name, placeholder_token=concept.placeholder_token,
                     super_category=concept.super_category, description=concept.description, images=files,
