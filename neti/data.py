@@ -317,7 +317,7 @@ def read_caption(path: str | os.PathLike) -> str | None:
     path = Path(path)
     sidecar = path.with_suffix(".txt")
     caption, source = None, ""
-    if sidecar.is_file():
+    if sidecar != path and sidecar.is_file():  # an image renamed .txt is not its own caption
         lines = sidecar.read_text(encoding="utf-8", errors="replace").strip().splitlines()
         caption, source = (lines[0].strip() if lines else ""), f"caption file {sidecar}"
     else:

@@ -485,6 +485,9 @@ def test_captions_come_from_a_sidecar_txt_or_the_png_caption_chunk(tmp_path):
     loaded = load_images(tmp_path)
     assert [x.path.name for x in loaded] == ["a.png", "b.png", "c.png"]  # the .txt is not an image
     assert [x.caption for x in loaded] == ["a {} on a green background", "a {} on a white background", None]
+    renamed = tmp_path / "d.txt"  # a PNG with a .txt name: read by content, and not its own caption file
+    renamed.write_bytes((tmp_path / "a.png").read_bytes())
+    assert load_images([renamed])[0].caption == "a {} on a green background"
 
 
 @pytest.mark.parametrize("where", ["sidecar", "chunk"])

@@ -4,7 +4,8 @@ For each example concept: render "a photo of a {}" with the concept and with its
 (same seeds), and score both by the toy CLIP's image similarity to the concept's training images (Textual
 Inversion's protocol, `neti.evaluate`). Then render the concept on every background of the world ("a {} on a
 <colour> background") and let the attribute classifier name each image's background: the share that matches
-is how well the concept still follows background edits.
+is how well the concept still follows background edits, at full truncation and at a lower truncation k (the
+paper's editability knob: fewer hidden units, a coarser concept).
 
     python -m toyworld.personalization --concepts assets/concepts --json personalization.json
 """
@@ -23,24 +24,27 @@ from toyworld.world import BACKGROUNDS
 REPO = Path(__file__).resolve().parent.parent
 
 
-def measure(generator, concept, images, judge, classifier, seeds: list[int], sampling) -> dict:
+def measure(generator, concept, images, judge, classifier, seeds: list[int], sampling, low_k: int = 8) -> dict:
     from neti.evaluate import image_similarity
 
     training = judge.embed_images(images)
     word = concept.super_category
     with_concept = generator.generate("a photo of a {}", [concept], seeds, sampling).images
     with_word = generator.generate(f"a photo of a {word}", [], seeds, sampling).images
-    hits = []
+    hits: dict = {None: [], low_k: []}
     for background in BACKGROUNDS:
-        rendered = generator.generate(f"a {{}} on a {background} background", [concept], seeds, sampling).images
-        predicted = classifier.predict(np.stack([np.asarray(x) for x in rendered]))["background"]
-        hits += [p == background for p in predicted]
+        for k, found in hits.items():
+            rendered = generator.generate(f"a {{}} on a {background} background", [concept], seeds, sampling,
+                                          truncation=k).images
+            predicted = classifier.predict(np.stack([np.asarray(x) for x in rendered]))["background"]
+            found += [p == background for p in predicted]
     return {
         "image_similarity_concept": round(image_similarity(training, judge.embed_images(with_concept)), 4),
         "image_similarity_super_category": round(image_similarity(training, judge.embed_images(with_word)), 4),
         "super_category": word,
-        "background_edits_followed": round(float(np.mean(hits)), 4),
-        "background_edit_images": len(hits),
+        "background_edits_followed": round(float(np.mean(hits[None])), 4),
+        f"background_edits_followed_truncation_{low_k}": round(float(np.mean(hits[low_k])), 4),
+        "background_edit_images": len(hits[None]),
     }
 
 
