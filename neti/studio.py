@@ -32,7 +32,7 @@ from .generate import Generator, Result, Sampling
 from .images import save_png
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
 from .library import DEFAULT_CONCEPTS_DIR, SHIPPED_CONCEPTS_DIR, ConceptLibrary, check_name, name_from_token
-from .models import BUNDLED_MODEL, REPO_ROOT, default_model, load_pipeline
+from .models import BUNDLED_MODEL, REPO_ROOT, default_model, load_pipeline, model_label
 from .train import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Studio:
     def model_description(self) -> str:
         pipe = self.pipe
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        return (f"{self.model_name} ({size}x{size} px, token width {pipe.text_encoder.config.hidden_size}, "
+        return (f"{model_label(self.model_name)} ({size}x{size} px, token width {pipe.text_encoder.config.hidden_size}, "
                 f"{self.generator.num_layers} cross-attention layers, {pipe.device})")
 
     def is_compatible(self, concept: Concept) -> bool:

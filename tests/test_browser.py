@@ -69,6 +69,8 @@ def page(server):
         page.set_default_timeout(60_000)
         page.goto(server.url)
         page.wait_for_selector("#model-status :text('Base model')")
+        status = page.inner_text("#model-status")
+        assert "assets/toy-sd (64x64 px" in status and str(REPO) not in status, status  # the repository-relative label
         yield page
         browser.close()
 
