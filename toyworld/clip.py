@@ -75,6 +75,12 @@ ZERO_SHOT_PROMPTS = {
     "colour": [f"{'an' if c[0] in 'aeiou' else 'a'} {c} shape" for c in COLOURS],
     "background": [f"a shape on a {b} background" for b in BACKGROUNDS],
 }
+ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS}  # in ZERO_SHOT_PROMPTS' order
+
+
+def _text_features(model, processor, prompts: list[str]) -> torch.Tensor:
+    tokens = processor.tokenizer(prompts, padding="max_length", return_tensors="pt")
+    return F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
 
 
 @torch.no_grad()
@@ -84,10 +90,9 @@ def zero_shot_accuracy(model, processor, images: np.ndarray, scenes: list[Scene]
                                  dim=-1)
     result = {}
     for attribute, prompts in ZERO_SHOT_PROMPTS.items():
-        tokens = processor.tokenizer(prompts, padding="max_length", return_tensors="pt")
-        text_features = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
+        text_features = _text_features(model, processor, prompts)
         predicted = (image_features @ text_features.T).argmax(dim=1).tolist()
-        values = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS}[attribute]
+        values = ATTRIBUTE_VALUES[attribute]
         result[attribute] = float(np.mean([values[p] == getattr(s, attribute) for p, s in zip(predicted, scenes)]))
     return result
 
@@ -103,9 +108,8 @@ def prompt_set_loss(model, processor, image_features: torch.Tensor, scenes: list
     partial captions rarely hold two captions that differ by the shape alone, so without it shape stayed at 59%."""
     loss = image_features.new_zeros(())
     for attribute, prompts in ZERO_SHOT_PROMPTS.items():
-        tokens = processor.tokenizer(prompts, padding="max_length", return_tensors="pt")
-        text_features = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
-        values = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS}[attribute]
+        text_features = _text_features(model, processor, prompts)
+        values = ATTRIBUTE_VALUES[attribute]
         labels = torch.tensor([values.index(getattr(s, attribute)) for s in scenes])
         loss = loss + F.cross_entropy(model.logit_scale.exp() * image_features @ text_features.T, labels)
     return loss / len(ZERO_SHOT_PROMPTS)
