@@ -37,7 +37,7 @@ from .conditioning import PLACEHOLDER
 from .config import DEFAULT_BYPASS_ALPHA
 from .generate import Generator, Row, Sampling, check_seeds
 from .images import save_png
-from .models import REPO_ROOT
+from .models import REPO_ROOT, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -315,9 +315,11 @@ class ImageCache:
 
     @staticmethod
     def key(digest: str, prompt: str, seed: int, truncation: int | None, alpha: float, model: str,
-            sampling: Sampling) -> dict:
+            sampling: Sampling, weights: str = "") -> dict:
+        """`model` names the base model, `weights` fingerprints its weights (`neti.models.weights_fingerprint`):
+        a model retrained or replaced under the same name renders anew."""
         return {"concept_sha256": digest, "prompt": prompt, "seed": seed, "truncation": truncation,
-                "alpha": float(alpha), "base_model": model, "sampling": asdict(sampling)}
+                "alpha": float(alpha), "base_model": model, "base_weights": weights, "sampling": asdict(sampling)}
 
     def path(self, key: dict) -> Path:
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -352,7 +354,7 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
     from tqdm import tqdm
 
     cache = ImageCache(cache_dir)
-    model = generator.model_name
+    model, weights = generator.model_name, weights_fingerprint(generator.pipe)
     seeds = list(config.seeds)
     for entry in entries:  # concepts load on the CPU; the mapper runs where the text encoder is
         entry.concept.to(generator.pipe.device)
@@ -361,7 +363,7 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
         for k in _truncations(entry, config.sweep):
             for prompt in config.prompts:
                 todo += [(entry, prompt, k, s) for s in seeds if not cache.has(
-                    cache.key(entry.digest, prompt, s, k, config.alpha, model, config.sampling))]
+                    cache.key(entry.digest, prompt, s, k, config.alpha, model, config.sampling, weights))]
     bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
     timesteps = generator.timesteps(config.sampling)
     for start in range(0, len(todo), config.batch_size):
@@ -371,7 +373,8 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
                 for entry, prompt, k, seed in batch]
         result = generator.render(rows, config.sampling)
         for (entry, prompt, k, seed), image in zip(batch, result.images):
-            cache.put(cache.key(entry.digest, prompt, seed, k, config.alpha, model, config.sampling), image)
+            key = cache.key(entry.digest, prompt, seed, k, config.alpha, model, config.sampling, weights)
+            cache.put(key, image)
         bar.update(len(batch))
         if on_generated is not None:
             on_generated(len(batch))
@@ -385,7 +388,7 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
     for entry in entries:
         training = judge.embed_images(entry.images)  # (M, E)
         for k in _truncations(entry, config.sweep):
-            images = [cache.get(cache.key(entry.digest, p, s, k, config.alpha, model, config.sampling))
+            images = [cache.get(cache.key(entry.digest, p, s, k, config.alpha, model, config.sampling, weights))
                       for p in config.prompts for s in seeds]
             generated_emb = judge.embed_images(images).view(len(config.prompts), len(seeds), -1)  # (P, S, E)
             flat = generated_emb.reshape(-1, generated_emb.shape[-1])

@@ -38,6 +38,26 @@ def model_label(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
+@torch.no_grad()
+def weights_fingerprint(pipe, samples: int = 256) -> str:
+    """A short hash of the pipeline's UNet, VAE and text-encoder weights: every tensor's name, shape, dtype and
+    `samples` evenly spaced values (exact bytes, gathered where the weights live and copied once), so that caches
+    keyed by a model's name notice weights retrained or replaced behind the same name."""
+    import hashlib
+
+    digest, picked = hashlib.sha256(), []
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, part, None)
+        for name, tensor in (module.state_dict().items() if module is not None else ()):
+            flat = tensor.reshape(-1)
+            index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            picked.append(flat[index].float())
+            digest.update(f"{part}.{name}{tuple(tensor.shape)}{tensor.dtype};".encode())
+    if picked:
+        digest.update(torch.cat(picked).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")

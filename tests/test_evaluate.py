@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import WORDS, make_concept
 from neti import evaluate as ev
 from neti.generate import Generator, Sampling
+from neti.models import weights_fingerprint
 
 PROMPTS = ("a photo of a {}", "a {} on a beach")
 SAMPLING = Sampling(steps=1, guidance=7.5)
@@ -126,7 +127,8 @@ def test_metrics_equal_the_protocols_formulas_and_the_cache_resumes(generator, t
         for prompt in PROMPTS:
             text = embed_text(prompt.replace("{}", "").replace("  ", " ").strip())
             for seed in (0, 1):
-                key = cache.key(entry.digest, prompt, seed, point.truncation, 0.2, generator.model_name, SAMPLING)
+                key = cache.key(entry.digest, prompt, seed, point.truncation, 0.2, generator.model_name, SAMPLING,
+                                weights_fingerprint(generator.pipe))
                 image = embed_images([Image.open(cache.path(key)).convert("RGB")])[0]
                 image_cos += [float(F.cosine_similarity(image, t, dim=0)) for t in train]
                 text_cos.append(float(F.cosine_similarity(image, text, dim=0)))
@@ -146,6 +148,19 @@ def test_metrics_equal_the_protocols_formulas_and_the_cache_resumes(generator, t
     more = ev.evaluate(generator, entries[:1], judge, ev.EvalConfig(prompts=PROMPTS, seeds=(0, 1, 2), sweep=(4,),
                                                                     sampling=SAMPLING), tmp_path / "cache", progress=False)
     assert more.generated == 4 and calls == [4]  # 2 truncations x 2 prompts, one new seed each
+
+    # new weights under the same model name (a retrained decoder): nothing stale comes from the cache
+    calls.clear()
+    bias = generator.pipe.vae.decoder.conv_out.bias
+    kept = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(0.5)
+    try:
+        retrained = ev.evaluate(generator, entries[:1], judge, config, tmp_path / "cache", progress=False)
+    finally:
+        with torch.no_grad():
+            bias.copy_(kept)
+    assert retrained.generated == 8 and calls == [6, 2]
 
     paths = ev.write_outputs(report, tmp_path / "out")
     assert Image.open(paths["plot"]).format == "PNG"

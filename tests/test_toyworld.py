@@ -101,8 +101,11 @@ def test_training_script_runs_two_steps_of_every_stage(tmp_path):
     assert torch.load(tmp_path / "unet.pt", weights_only=True)["ema_unet"]["conv_in.weight"].dtype == torch.float16
     main(["unet", *ck, "--steps", "4", "--batch", "2"])
     assert torch.load(tmp_path / "unet.pt", weights_only=True)["step"] == 4
-    main(["vae", *ck, "--steps", "3", "--batch", "2", "--decoder-only"])  # the compacted VAE resumes too
-    assert torch.load(tmp_path / "vae.pt", weights_only=True)["step"] == 3
+    # the compacted VAE resumes too; from step 2 the learning rate anneals on a cosine to 0 at step 4
+    main(["vae", *ck, "--steps", "4", "--batch", "2", "--decoder-only", "--anneal-from", "2", "--lr", "1e-3"])
+    vae_state = torch.load(tmp_path / "vae.pt", weights_only=True)
+    assert vae_state["step"] == 4
+    assert vae_state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)  # the last step ran at t = 1/2
     main(["export", *ck, "--out", str(tmp_path / "sd")])
     assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
     main(["classifier", *ck, "--steps", "2", "--batch", "4", "--eval-count", "8", "--out", str(tmp_path / "cls")])

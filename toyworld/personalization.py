@@ -5,7 +5,8 @@ For each example concept: render "a photo of a {}" with the concept and with its
 Inversion's protocol, `neti.evaluate`). Then render the concept on every background of the world ("a {} on a
 <colour> background") and let the attribute classifier name each image's background: the share that matches
 is how well the concept still follows background edits, at full truncation and at a lower truncation k (the
-paper's editability knob: fewer hidden units, a coarser concept).
+paper's editability knob: fewer hidden units, a coarser concept), next to the same edits of the super-category
+word alone (the base model's own rate).
 
     python -m toyworld.personalization --concepts assets/concepts --json personalization.json
 """
@@ -31,11 +32,14 @@ def measure(generator, concept, images, judge, classifier, seeds: list[int], sam
     word = concept.super_category
     with_concept = generator.generate("a photo of a {}", [concept], seeds, sampling).images
     with_word = generator.generate(f"a photo of a {word}", [], seeds, sampling).images
-    hits: dict = {None: [], low_k: []}
+    hits: dict = {None: [], low_k: [], "word": []}
     for background in BACKGROUNDS:
         for k, found in hits.items():
-            rendered = generator.generate(f"a {{}} on a {background} background", [concept], seeds, sampling,
-                                          truncation=k).images
+            if k == "word":  # the reference: what the base model does with the super-category word
+                rendered = generator.generate(f"a {word} on a {background} background", [], seeds, sampling).images
+            else:
+                rendered = generator.generate(f"a {{}} on a {background} background", [concept], seeds, sampling,
+                                              truncation=k).images
             predicted = classifier.predict(np.stack([np.asarray(x) for x in rendered]))["background"]
             found += [p == background for p in predicted]
     return {
@@ -44,6 +48,7 @@ def measure(generator, concept, images, judge, classifier, seeds: list[int], sam
         "super_category": word,
         "background_edits_followed": round(float(np.mean(hits[None])), 4),
         f"background_edits_followed_truncation_{low_k}": round(float(np.mean(hits[low_k])), 4),
+        "background_edits_followed_super_category": round(float(np.mean(hits["word"])), 4),
         "background_edit_images": len(hits[None]),
     }
 

@@ -170,7 +170,12 @@ def train_vae(args) -> None:
                          seed=args.seed), path)
 
     vae.train()
+    peak = args.lr or 1e-3
     while step < args.steps and not progress.out_of_time():
+        if args.anneal_from is not None and step >= args.anneal_from:  # cosine to 0 at --steps
+            span = max(1, args.steps - args.anneal_from)
+            for group in optimizer.param_groups:
+                group["lr"] = float(peak * 0.5 * (1 + np.cos(np.pi * (step - args.anneal_from) / span)))
         x = images_tensor(world, range(step * args.batch, (step + 1) * args.batch))
         with torch.set_grad_enabled(not args.decoder_only):
             posterior = vae.encode(x).latent_dist
@@ -343,7 +348,9 @@ def export(args) -> None:
     parts["unet"].load_state_dict(unet_state["ema_unet"])
     parts["text_encoder"].load_state_dict(unet_state["ema_text_encoder"])
     out = save_pipeline(args.out, parts["tokenizer"], parts["text_encoder"], parts["unet"], vae)
+    vae_state = load_checkpoint(args.checkpoints / "vae.pt")
     info = dict(unet_step=unet_state["step"], samples=unet_state["step"] * unet_state["batch"],
+                vae_step=vae_state["step"] if vae_state else None,
                 exported=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"exported step {info['unet_step']} ({info['samples']} samples) to {out}")
@@ -393,6 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=40000, help="latents stage: how many world images to encode")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae stage: freeze the encoder, so cached latents and the UNet stay valid")
+    parser.add_argument("--anneal-from", type=int,
+                        help="vae stage: from this step on, the learning rate follows a cosine from --lr to 0 at --steps")
     parser.add_argument("--noise-offset", type=float, default=NOISE_OFFSET,
                         help="UNet stage: std of the per-channel offset added to the training noise (0: none)")
     parser.add_argument("--ema", type=float, default=0.999, help="UNet stage: EMA decay of the exported weights")
