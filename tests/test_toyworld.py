@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from toyworld.world import BACKGROUNDS, RGB, World, caption, parse_caption, render, vocabulary
+from toyworld.world import BACKGROUNDS, COLOURS, RGB, World, caption, parse_caption, render, vocabulary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,6 +44,29 @@ def test_captions_name_the_scene_in_the_vocabulary():
         found = parse_caption(text)
         assert (found["shape"], found["colour"], found["background"]) == (scene.shape, scene.colour, scene.background)
         assert nearest_colour(border_colour(render(scene))) == scene.background or scene.rendering == "blurry"
+
+
+def test_colour_dropout_leaves_out_the_object_colour_only():
+    from toyworld.model import build_tokenizer
+    from toyworld.train import CaptionedLatents
+
+    world = World(0)
+    scene = next(world.scene(i) for i in range(50) if world.scene(i).pattern != "plain")
+    text = caption(scene, with_colour=False)
+    assert scene.colour not in text.split()[:-2] and f"{scene.pattern} " in text
+    assert text.endswith(f"on a {scene.background} background")
+    plain = next(world.scene(i) for i in range(50) if world.scene(i).pattern == "plain" and world.scene(i).count == 1)
+    text = caption(plain, with_colour=False)
+    assert f"a {plain.shape} on a " in text and "  " not in text and "an " not in text  # one space, the right article
+    tokenizer = build_tokenizer()
+    decoded = {}
+    for share in (0.0, 1.0):
+        data = CaptionedLatents(torch.zeros(64, 8, 2, 2), world, tokenizer, drop=0.0, seed=0, colour_drop=share)
+        _, ids = data.batch(0, 64)
+        decoded[share] = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    objects = {share: [t.split(" on a ")[0].split() for t in texts] for share, texts in decoded.items()}
+    assert all(any(c in words for c in COLOURS) for words in objects[0.0])  # every caption names a colour
+    assert not any(c in words for words in objects[1.0] for c in COLOURS)  # none does
 
 
 @pytest.fixture(scope="module")

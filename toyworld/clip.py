@@ -23,10 +23,10 @@ from toyworld.world import BACKGROUNDS, COLOURS, COUNT_WORDS, PLURALS, RENDERING
 
 logger = logging.getLogger(__name__)
 
-POOL = 24000  # training images, rendered once
+POOL = 48000  # training images, rendered once (uint8: 590 MB)
 CLIP_PATH = Path(__file__).resolve().parent.parent / "assets" / "toy-clip"
 WIDTH, LAYERS, HEADS = 64, 3, 4  # the text tower (its width is the toy SD text encoder's: it initialises it)
-VISION_WIDTH, VISION_LAYERS, PATCH = 96, 4, 8
+VISION_WIDTH, VISION_LAYERS, PATCH = 160, 4, 8
 
 
 def build_clip(tokenizer):

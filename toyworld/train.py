@@ -228,8 +228,9 @@ def encode_latents(args) -> None:
 class CaptionedLatents:
     """Epoch-shuffled (latent, caption) batches that are a pure function of (seed, step)."""
 
-    def __init__(self, latents: torch.Tensor, world: World, tokenizer, drop: float, seed: int):
+    def __init__(self, latents: torch.Tensor, world: World, tokenizer, drop: float, seed: int, colour_drop: float = 0.0):
         self.latents, self.world, self.tokenizer, self.drop, self.seed = latents, world, tokenizer, drop, seed
+        self.colour_drop = colour_drop  # share of captions without the object's colour word
         self.scenes = [world.scene(i) for i in range(len(latents))]
         self.permutations: dict[int, torch.Tensor] = {}
 
@@ -245,7 +246,8 @@ class CaptionedLatents:
         captions = []
         for k, i in zip(ks, indices.tolist()):
             rng = np.random.default_rng([self.seed, k, 2])
-            captions.append("" if rng.random() < self.drop else caption(self.scenes[i], rng))
+            with_colour = np.random.default_rng([self.seed, k, 4]).random() >= self.colour_drop  # its own stream
+            captions.append("" if rng.random() < self.drop else caption(self.scenes[i], rng, with_colour))
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.latents[indices].float(), ids
@@ -293,7 +295,8 @@ def train_unet(args) -> None:
         text_encoder.load_state_dict(clip_text_weights(args.text_init))
         ema_text_encoder.load_state_dict(text_encoder.state_dict())
         print(f"text encoder initialised from the CLIP text tower in {args.text_init}")
-    data = CaptionedLatents(cache["latents"], World(cache["seed"]), tokenizer, drop=CAPTION_DROPOUT, seed=args.seed)
+    data = CaptionedLatents(cache["latents"], World(cache["seed"]), tokenizer, drop=CAPTION_DROPOUT, seed=args.seed,
+                            colour_drop=args.colour_dropout)
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     scaling, warmup = cache["scaling_factor"], 500
     progress, start_step, losses = Progress(args.save_minutes, args.minutes), step, []
@@ -302,7 +305,7 @@ def train_unet(args) -> None:
         save_atomic(dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), ema_unet=ema_unet.state_dict(),
                          ema_text_encoder=ema_text_encoder.state_dict(), optimizer=optimizer.state_dict(), step=step,
                          batch=args.batch, seed=args.seed, scaling_factor=scaling,
-                         noise_offset=args.noise_offset), path)
+                         noise_offset=args.noise_offset, colour_dropout=args.colour_dropout), path)
 
     unet.train(), text_encoder.train()
     while step < args.steps and not progress.out_of_time():
@@ -404,6 +407,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="vae stage: from this step on, the learning rate follows a cosine from --lr to 0 at --steps")
     parser.add_argument("--noise-offset", type=float, default=NOISE_OFFSET,
                         help="UNet stage: std of the per-channel offset added to the training noise (0: none)")
+    parser.add_argument("--colour-dropout", type=float, default=0.0,
+                        help="UNet stage: share of captions without the object's colour word, so that a prompt "
+                             "like 'a <concept> on a red background' reads red as the background")
     parser.add_argument("--ema", type=float, default=0.999, help="UNet stage: EMA decay of the exported weights")
     parser.add_argument("--out", type=Path, help="export/classifier/clip: output folder (assets/... otherwise)")
     parser.add_argument("--eval-count", type=int, default=2000, help="classifier/clip: held-out images to report on")

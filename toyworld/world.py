@@ -137,9 +137,10 @@ class World:
 
 # ----------------------------------------------------------------------------------------------- captions
 
-def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None, with_colour: bool = True) -> str:
     """The scene in words. With `rng`, a paraphrase: a synonym prefix for photos, sometimes the generic word
-    "shape"/"object" for the shape's name, sometimes no pattern word or no background."""
+    "shape"/"object" for the shape's name, sometimes no pattern word or no background. `with_colour=False` leaves
+    out the object's colour ("a striped star on a blue background")."""
     noun = scene.shape
     pattern = "" if scene.pattern == "plain" else scene.pattern
     prefix = RENDERING_PREFIXES[scene.rendering][0]
@@ -154,11 +155,11 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
         with_background = rng.random() >= 0.1
     if scene.count > 1:
         noun = PLURALS[noun]
-    adjectives = " ".join(w for w in (scene.colour, pattern) if w)
+    words = " ".join(w for w in (scene.colour if with_colour else "", pattern, noun) if w)
     article = COUNT_WORDS[scene.count]
-    if article == "a" and adjectives[:1] in "aeiou":
+    if article == "a" and words[0] in "aeiou":
         article = "an"
-    text = f"{prefix}{article} {adjectives} {noun}"
+    text = f"{prefix}{article} {words}"
     if with_background:
         text += f" on a {scene.background} background"
     return text
