@@ -12,7 +12,8 @@ by the bundled toy CLIP. A truncation sweep re-renders a NeTI concept with its f
 (Sec. 3.4): image similarity falls and text similarity rises as k shrinks, the dashed curve of Fig. 9.
 
 Generated images are cached on disk as PNGs (written atomically, named by a hash of everything that determines
-them: the concept file's contents, prompt, seed, truncation, bypass strength, base model and sampling settings),
+them: the concept file's contents, prompt, seed, truncation, bypass strength, base model (its name and a
+fingerprint of its weights) and sampling settings),
 so an interrupted evaluation resumes and more seeds or concepts cost only the missing images.
 """
 
