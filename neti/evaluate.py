@@ -356,6 +356,10 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
 
     cache = ImageCache(cache_dir)
     model, weights = generator.model_name, weights_fingerprint(generator.pipe)
+
+    def key(entry: ConceptEntry, prompt: str, seed: int, k: int | None) -> dict:
+        return cache.key(entry.digest, prompt, seed, k, config.alpha, model, config.sampling, weights)
+
     seeds = list(config.seeds)
     for entry in entries:  # concepts load on the CPU; the mapper runs where the text encoder is
         entry.concept.to(generator.pipe.device)
@@ -363,8 +367,7 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
     for entry in entries:
         for k in _truncations(entry, config.sweep):
             for prompt in config.prompts:
-                todo += [(entry, prompt, k, s) for s in seeds if not cache.has(
-                    cache.key(entry.digest, prompt, s, k, config.alpha, model, config.sampling, weights))]
+                todo += [(entry, prompt, k, s) for s in seeds if not cache.has(key(entry, prompt, s, k))]
     bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
     timesteps = generator.timesteps(config.sampling)
     for start in range(0, len(todo), config.batch_size):
@@ -374,8 +377,7 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
                 for entry, prompt, k, seed in batch]
         result = generator.render(rows, config.sampling)
         for (entry, prompt, k, seed), image in zip(batch, result.images):
-            key = cache.key(entry.digest, prompt, seed, k, config.alpha, model, config.sampling, weights)
-            cache.put(key, image)
+            cache.put(key(entry, prompt, seed, k), image)
         bar.update(len(batch))
         if on_generated is not None:
             on_generated(len(batch))
@@ -389,8 +391,7 @@ def evaluate(generator: Generator, entries: Sequence[ConceptEntry], judge: ClipJ
     for entry in entries:
         training = judge.embed_images(entry.images)  # (M, E)
         for k in _truncations(entry, config.sweep):
-            images = [cache.get(cache.key(entry.digest, p, s, k, config.alpha, model, config.sampling, weights))
-                      for p in config.prompts for s in seeds]
+            images = [cache.get(key(entry, p, s, k)) for p in config.prompts for s in seeds]
             generated_emb = judge.embed_images(images).view(len(config.prompts), len(seeds), -1)  # (P, S, E)
             flat = generated_emb.reshape(-1, generated_emb.shape[-1])
             texts = text_embeddings[:, None, :].expand_as(generated_emb).reshape(flat.shape)

@@ -118,7 +118,7 @@ def prompt_set_loss(model, processor, image_features: torch.Tensor, scenes: list
 def train_clip(args) -> None:
     """Contrastive (InfoNCE, symmetric) training on World(seed) images; zero-shot report on World(seed + 1)."""
     from toyworld.model import build_tokenizer
-    from toyworld.train import Progress, image_pool, load_checkpoint, optimise, pool_batch, save_atomic
+    from toyworld.train import Progress, cosine, image_pool, load_checkpoint, optimise, pool_batch, save_atomic
     from toyworld.world import dataset
 
     path = args.checkpoints / "clip.pt"
@@ -139,7 +139,7 @@ def train_clip(args) -> None:
     while step < args.steps and not progress.out_of_time():
         peak = args.lr or 1e-3
         for group in optimizer.param_groups:
-            group["lr"] = float(peak * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+            group["lr"] = peak * min(1.0, (step + 1) / 100) * cosine(step, args.steps)
         pixels, indices = pool_batch(pool, step, args.batch)
         captions = [partial_caption(scenes[i], np.random.default_rng([args.seed, step, j, 3]))
                     for j, i in enumerate(indices)]

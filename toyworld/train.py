@@ -76,6 +76,11 @@ def pool_batch(images: np.ndarray, step: int, size: int) -> tuple[torch.Tensor, 
     return torch.from_numpy(images[indices]).permute(0, 3, 1, 2).float() / 127.5 - 1, indices
 
 
+def cosine(done: int, total: int) -> float:
+    """The cosine schedule's factor after `done` of `total` steps: 1 at the start, 0 at the end."""
+    return float(0.5 * (1 + np.cos(np.pi * done / total)))
+
+
 def optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_params=None) -> None:
     """One optimiser step on `loss`, with gradient-norm clipping to 1 over `clip_params` when given."""
     optimizer.zero_grad(set_to_none=True)
@@ -175,7 +180,7 @@ def train_vae(args) -> None:
         if args.anneal_from is not None and step >= args.anneal_from:  # cosine to 0 at --steps
             span = max(1, args.steps - args.anneal_from)
             for group in optimizer.param_groups:
-                group["lr"] = float(peak * 0.5 * (1 + np.cos(np.pi * (step - args.anneal_from) / span)))
+                group["lr"] = peak * cosine(step - args.anneal_from, span)
         x = images_tensor(world, range(step * args.batch, (step + 1) * args.batch))
         with torch.set_grad_enabled(not args.decoder_only):
             posterior = vae.encode(x).latent_dist
