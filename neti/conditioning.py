@@ -7,7 +7,8 @@ to the encoder's last hidden state h at the placeholder, before the final LayerN
 cross-attention keys, the bypassed one the values.
 
 Placeholder tokens are never added to the tokenizer: a prompt is split around them, so a shared tokenizer and
-text encoder are never mutated and several concepts can share one prompt.
+text encoder are never mutated and several concepts can share one prompt. A token matches only as a word of its
+own (`token_pattern`), the one rule training, generation and the app share.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ PLACEHOLDER = "{}"
 CHUNK_TOKENS = {"cpu": 2048}
 DEFAULT_CHUNK_TOKENS = 65536
 _TOKEN_LIKE = re.compile(r"<[^<>\s]+>")
+_BRACKETED = re.compile(r"<[^<>{}\s]+>")
+_BARE = re.compile(r"\w+")
+MAX_TOKEN_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,38 @@ class TokenizedPrompt:
 class Encoding:
     keys: torch.Tensor  # (..., S, D) plain encodings, for cross-attention keys
     values: torch.Tensor  # (..., S, D) bypassed encodings, for cross-attention values
+
+
+def check_token_text(token: str) -> str:
+    """The token rule, shared by training, generation and the app: `<name>` (no spaces, `<>{}` inside) or a bare
+    word of letters, digits and `_`. Such a token matches a prompt only as a word of its own (`find_token`)."""
+    if not isinstance(token, str) or not token.strip() or token != token.strip() or any(c.isspace() for c in token):
+        raise ValueError(f"placeholder token {token!r} must be one word without spaces, e.g. '<my-cat>'")
+    if PLACEHOLDER in token:
+        raise ValueError(f"placeholder token {token!r} must not contain {{}}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"placeholder token {token[:20]!r}... has {len(token)} characters, more than "
+                         f"{MAX_TOKEN_CHARS}; choose a short token such as '<my-cat>'")
+    if token.startswith("<") or token.endswith(">"):
+        if not _BRACKETED.fullmatch(token):
+            raise ValueError(f"placeholder token {token!r} must be '<name>' with no '<', '>', '{{' or '}}' inside the "
+                             "brackets, e.g. '<my-cat>'")
+    elif not _BARE.fullmatch(token):
+        raise ValueError(f"placeholder token {token!r} without angle brackets must be letters, digits and '_' only "
+                         f"(it is matched as a whole word); write it as '<{token}>'")
+    return token
+
+
+def token_pattern(tokens: Sequence[str]) -> re.Pattern:
+    """Matches any of `tokens` as a word of its own: not joined to a letter, digit or '_' on either side, so the
+    token 'art' is not found in 'heart' and '<dc>' not in '<dc>s'."""
+    alternatives = "|".join(re.escape(t) for t in sorted(set(tokens), key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+
+
+def find_token(text: str, token: str) -> bool:
+    """Whether `token` occurs in `text` as a word of its own (the one matching rule, `token_pattern`)."""
+    return token_pattern([token]).search(text) is not None
 
 
 def format_prompt(prompt: str, tokens: Sequence[str]) -> str:
@@ -60,20 +96,17 @@ def format_prompt(prompt: str, tokens: Sequence[str]) -> str:
                 f"(selected: {', '.join(tokens) or 'none'}); select its concept or remove it from the prompt"
             )
     for token in tokens:
-        if token not in prompt:
+        if not find_token(prompt, token):
             raise ValueError(
-                f"the prompt {prompt!r} does not contain the concept's token {token!r}: "
+                f"the prompt {prompt!r} does not contain the concept's token {token!r} as a word of its own: "
                 f"write {token} (or {{}}) where the concept should appear"
             )
     return prompt
 
 
 def check_placeholder_token(tokenizer, token: str) -> None:
-    """A placeholder must be new: one word, not a token the vocabulary already has."""
-    if not isinstance(token, str) or not token.strip() or token != token.strip() or any(c.isspace() for c in token):
-        raise ValueError(f"placeholder token {token!r} must be one word without spaces, e.g. '<my-cat>'")
-    if PLACEHOLDER in token:
-        raise ValueError(f"placeholder token {token!r} must not contain {{}}")
+    """A placeholder must follow the token rule (`check_token_text`) and be new: not in the vocabulary."""
+    check_token_text(token)
     if token.lower() in tokenizer.get_vocab() or token.lower() + "</w>" in tokenizer.get_vocab():
         raise ValueError(
             f"placeholder token {token!r} is already in the tokenizer's vocabulary; pick a new word, e.g. '<{token}>'"
@@ -115,10 +148,14 @@ class TextConditioner:
     def tokenize(self, prompt: str, tokens: Sequence[str] = ()) -> TokenizedPrompt:
         """Token ids of `prompt` with one slot for each occurrence of a concept token, padded to max length."""
         tok = self.tokenizer
-        pieces = re.split("(" + "|".join(re.escape(t) for t in tokens) + ")", prompt) if tokens else [prompt]
+        pieces, at = [], 0  # (text, is a token), split by the one matching rule (whole words only)
+        for match in (token_pattern(tokens).finditer(prompt) if tokens else ()):
+            pieces += [(prompt[at:match.start()], False), (match.group(), True)]
+            at = match.end()
+        pieces.append((prompt[at:], False))
         ids, slots = [tok.bos_token_id], []
-        for piece in pieces:
-            if piece in tokens:
+        for piece, is_token in pieces:
+            if is_token:
                 slots.append((len(ids), piece))
                 ids.append(tok.pad_token_id)
             elif piece.strip():
