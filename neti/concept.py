@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from .conditioning import check_token_text
 from .config import MapperConfig
 from .mapper import MapperOutput, build_mapper, count_parameters
 
@@ -35,6 +36,54 @@ FORMAT_VERSION = 1
 _UIDS = itertools.count()
 _UMASK = os.umask(0o022)  # read once at import (setting it is process-wide), then restored
 os.umask(_UMASK)
+MAX_NAME_BYTES = 255  # the longest file name common file systems take
+
+
+def _check_names(path: Path, what: str) -> None:
+    for part in path.parts:
+        if "\x00" in part:
+            raise ValueError(f"{what} {str(path)!r} contains a NUL character; choose a plain file name")
+        if len(os.fsencode(part)) > MAX_NAME_BYTES:
+            raise ValueError(f"{what} name {part[:40]!r}... is {len(os.fsencode(part))} bytes long, over the "
+                             f"{MAX_NAME_BYTES} a file name may have; choose a shorter name")
+
+
+def _check_parent(folder: Path, what: str, path: Path) -> None:
+    """The nearest existing ancestor of `folder` must be a writable folder (missing ones are created later)."""
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"{what} {str(path)!r} cannot be written: {str(ancestor)!r} is a file, not a "
+                                 "folder; choose another location")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ValueError(f"{what} {str(path)!r} cannot be written: no permission to write in "
+                                 f"{str(ancestor)!r}; choose another location")
+            return
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file", force: bool = False) -> Path:
+    """Refuse, before any work, an output file that cannot be written: an existing folder, a name too long, a
+    parent that is a file, or an existing file when not `force` (missing parent folders are created on write)."""
+    path = Path(path)
+    _check_names(path, what)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is an existing folder; give a file name inside it, e.g. "
+                         f"{str(path / 'concept.safetensors')!r}")
+    _check_parent(path.parent, what, path)
+    if path.exists() and not force:
+        raise ValueError(f"{what} {str(path)!r} already exists; choose another name, or pass --force to "
+                         "overwrite it")
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Refuse, before any work, an output folder that is an existing file or lies below one."""
+    path = Path(path)
+    _check_names(path, what)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is an existing file, not a folder; give a folder name")
+    _check_parent(path, what, path)
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -134,34 +183,76 @@ class Concept(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Concept":
-        """Read a concept file written by `save` (no pickle is ever involved)."""
+        """Read a concept file written by `save` (no pickle is ever involved).
+
+        Every metadata field is checked, and the tensors' shapes against the mapper the config describes (built
+        on the meta device, so a config that claims a huge mapper allocates nothing) before anything is read."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"concept file {str(path)!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(
-                f"{str(path)!r} is not a readable concept file ({exc}); it may be truncated or not a safetensors "
-                "file: re-export it, or import official NeTI checkpoints with `import-official`"
-            ) from None
+        meta, shapes = read_header(path)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is a safetensors file but not a NeTI Studio concept (no '{FORMAT}' "
                              "metadata); plain textual-inversion embeddings cannot be loaded as concepts")
-        if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r} has format version {meta['format_version']}, newer than this "
-                             f"NeTI Studio reads ({FORMAT_VERSION}); upgrade NeTI Studio")
-        concept = cls(meta["token"], meta["super_category"], MapperConfig.from_json(meta["config"]),
-                      json.loads(meta.get("layer_names", "[]")), meta.get("base_model", ""),
-                      int(meta.get("train_steps", "0")))
-        state = {k.removeprefix("mapper."): v.float() for k, v in tensors.items() if k.startswith("mapper.")}
         try:
-            concept.mapper.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"{str(path)!r} does not match its own config: {exc}") from None
+            if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+                raise ValueError(f"{str(path)!r} has format version {meta['format_version']}, newer than this "
+                                 f"NeTI Studio reads ({FORMAT_VERSION}); upgrade NeTI Studio")
+            config = MapperConfig.from_json(meta["config"])
+            layer_names = json.loads(meta.get("layer_names", "[]"))
+            if not isinstance(layer_names, list) or not all(isinstance(x, str) for x in layer_names):
+                raise ValueError("layer_names is not a list of names")
+            token, steps = check_token_text(meta["token"]), int(meta.get("train_steps", "0"))
+            if steps < 0:
+                raise ValueError(f"train_steps is {steps}")
+            with torch.device("meta"):  # expected shapes, nothing allocated
+                expected = {f"mapper.{k}": tuple(v.shape) for k, v in build_mapper(config).state_dict().items()}
+        except KeyError as exc:
+            raise ValueError(f"{str(path)!r} is a concept file without its {exc.args[0]!r} metadata; it was not "
+                             "written by NeTI Studio or was edited: re-export it") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{str(path)!r} has unreadable concept metadata ({one_line(exc)}); re-export it") from None
+        found = {k: v for k, v in shapes.items() if k.startswith("mapper.")}
+        if found != expected:
+            differ = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+            raise ValueError(f"{str(path)!r} does not match its own config: its tensors disagree with the metadata "
+                             f"at {differ[0]!r} ({found.get(differ[0])} in the file, {expected.get(differ[0])} "
+                             "expected); the file was edited or damaged: re-export it")
+        tensors = read_tensors(path)
+        state = {k.removeprefix("mapper."): v.float() for k, v in tensors.items() if k.startswith("mapper.")}
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{str(path)!r} holds non-finite weights (NaN or infinity) in {bad[0]!r}: the "
+                             "training that wrote it diverged; use an earlier checkpoint or train again")
+        concept = cls(token, meta.get("super_category", ""), config, layer_names, meta.get("base_model", ""), steps)
+        concept.mapper.load_state_dict(state)
         return concept.eval()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (libraries' messages may span several), for errors shown to users."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """A safetensors file's metadata and tensor shapes, read from its header alone (nothing is unpickled)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a readable concept file ({one_line(exc)}); it may be truncated or not a "
+            "safetensors file: re-export it, or import official NeTI checkpoints with `import-official`"
+        ) from None
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{str(path)!r} is damaged: its tensors cannot be read ({one_line(exc)}); "
+                         "re-export it") from None
 
 
 def file_info(path: str | os.PathLike) -> dict:
@@ -195,9 +286,11 @@ def _load_official_pickle(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler raises many types; all mean "not a checkpoint we can read safely"
-        raise ValueError(f"{str(path)!r} is not an official NeTI mapper checkpoint that loads safely "
-                         f"(weights only): {exc}") from None
+    except Exception:  # the unpickler raises many types; all mean "not a checkpoint we can read safely"
+        raise ValueError(f"{str(path)!r} is not an official NeTI mapper checkpoint that loads safely: it is not a "
+                         "PyTorch file, or it holds objects other than weights (only weights are loaded, never "
+                         "code); give the mapper-steps-N.pt and learned_embeds-steps-N.bin the official code wrote"
+                         ) from None
 
 
 def import_official(mapper_path: str | os.PathLike, embeds_path: str | os.PathLike | None = None,
@@ -210,13 +303,21 @@ def import_official(mapper_path: str | os.PathLike, embeds_path: str | os.PathLi
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "cfg" not in ckpt:
         raise ValueError(f"{str(mapper_path)!r} has no 'state_dict' and 'cfg': is it a mapper-steps-N.pt file?")
     cfg, source = ckpt["cfg"], ckpt["state_dict"]
-    model_cfg, data_cfg = dict(cfg.get("model", {})), dict(cfg.get("data", {}))
+    if not isinstance(cfg, dict) or not isinstance(source, dict):
+        raise ValueError(f"{str(mapper_path)!r} has a 'state_dict' or 'cfg' that is not a dictionary: is it a "
+                         "mapper-steps-N.pt file?")
+    model_cfg, data_cfg = dict(cfg.get("model", {}) or {}), dict(cfg.get("data", {}) or {})
     state = {}
     for key, value in source.items():
         for old, new in _OFFICIAL_KEYS.items():
-            if key.startswith(old):
+            if isinstance(key, str) and key.startswith(old) and isinstance(value, torch.Tensor):
                 state[new + key[len(old):]] = value.float()
                 break
+    missing = [k for k in ("input_layer.weight", "output_layer.weight") if k not in state]
+    if missing:
+        raise ValueError(f"{str(mapper_path)!r} has no mapper weights ({missing[0]!r}, official name "
+                         f"'net.0.weight' / 'output_layer.0.weight', is missing; found {len(source)} other keys): "
+                         "is it a NeTI mapper-steps-N.pt file?")
     use_pe = bool(model_cfg.get("use_positional_encoding", True))
     bypass = bool(model_cfg.get("output_bypass", True))
     out_dim = state["output_layer.weight"].shape[0]
@@ -243,6 +344,8 @@ def import_official(mapper_path: str | os.PathLike, embeds_path: str | os.PathLi
         config_kwargs.update(num_layers=len(layer_names) or 16)
     token = data_cfg.get("placeholder_token")
     if embeds_path is not None:
+        if not Path(embeds_path).is_file():
+            raise FileNotFoundError(f"learned embeddings file {str(embeds_path)!r} does not exist")
         embeds = _load_official_pickle(Path(embeds_path))
         if not isinstance(embeds, dict) or len(embeds) != 1:
             raise ValueError(f"{str(embeds_path)!r} should hold one {{token: embedding}} pair")
@@ -250,10 +353,15 @@ def import_official(mapper_path: str | os.PathLike, embeds_path: str | os.PathLi
     if not token:
         raise ValueError("the checkpoint names no placeholder token; pass the learned_embeds file too")
     steps = re.search(r"steps-(\d+)", mapper_path.name)
-    concept = Concept(token, str(data_cfg.get("super_category_token", "object")), MapperConfig(**config_kwargs),
-                      layer_names, str(model_cfg.get("pretrained_model_name_or_path", "")),
-                      int(steps.group(1)) if steps else 0)
-    concept.mapper.load_state_dict(state)
+    try:
+        check_token_text(token)
+        concept = Concept(token, str(data_cfg.get("super_category_token", "object")),
+                          MapperConfig(**config_kwargs), layer_names,
+                          str(model_cfg.get("pretrained_model_name_or_path", "")), int(steps.group(1)) if steps else 0)
+        concept.mapper.load_state_dict(state)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{str(mapper_path)!r} does not describe a mapper NeTI Studio can rebuild "
+                         f"({one_line(exc)})") from None
     concept.eval()
     logger.info("imported official checkpoint %s as %s", mapper_path, concept.describe())
     return concept

@@ -121,6 +121,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", 
 CROP_MODES: tuple[str, ...] = ("center", "random")
 
 # NeTI and Textual Inversion use 3-10 images; above this many, warn that training needs more steps.
+FEW_IMAGES = 3  # NeTI uses 3-10 images
 MANY_IMAGES_WARNING = 50
 
 _WHITE = (255, 255, 255, 255)
@@ -170,6 +171,29 @@ class ImageSet(Sequence[LoadedImage]):
     @property
     def paths(self) -> tuple[Path, ...]:
         return tuple(item.path for item in self.images)
+
+
+def image_warnings(images: Sequence[Image.Image | LoadedImage], resolution: int) -> list[str]:
+    """What a user should know before training on `images` at `resolution`: too few of them, or too small."""
+    warnings = []
+    if len(images) < FEW_IMAGES:
+        warnings.append(
+            f"only {len(images)} training image(s): NeTI uses 3-10 views of the concept; with fewer it tends to copy "
+            "the photo (pose, background, framing) and follows new prompts less well. Add more views if you can."
+        )
+    small = []
+    for index, item in enumerate(images):
+        image = item.image if isinstance(item, LoadedImage) else item
+        if min(image.size) < resolution:
+            name = item.path.name if isinstance(item, LoadedImage) else f"image {index + 1}"
+            small.append(f"{name} is {image.size[0]}x{image.size[1]}")
+    if small:
+        warnings.append(
+            f"{len(small)} image(s) smaller than the model's {resolution}x{resolution} px ({', '.join(small[:3])}"
+            f"{', ...' if len(small) > 3 else ''}): they are upscaled, so the concept learns blurred, blocky "
+            f"detail and generations look soft. Use photos of at least {resolution} px on the short side."
+        )
+    return warnings
 
 
 def template_kind(name: str) -> tuple[str, ...]:
@@ -309,6 +333,7 @@ _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 CAPTION_CHUNK = "caption"  # the PNG text chunk that may hold an image's caption
+MAX_CAPTION_CHARS = 1000  # a prompt template; the text encoder reads 77 tokens of it at most
 
 
 def read_caption(path: str | os.PathLike) -> str | None:
@@ -318,7 +343,9 @@ def read_caption(path: str | os.PathLike) -> str | None:
     sidecar = path.with_suffix(".txt")
     caption, source = None, ""
     if sidecar != path and sidecar.is_file():  # an image renamed .txt is not its own caption
-        lines = sidecar.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        with open(sidecar, encoding="utf-8", errors="replace") as f:
+            head = f.read(MAX_CAPTION_CHARS + 2)  # a caption is one short line: never read a huge file whole
+        lines = head.strip().splitlines()
         caption, source = (lines[0].strip() if lines else ""), f"caption file {sidecar}"
     else:
         try:
@@ -329,6 +356,10 @@ def read_caption(path: str | os.PathLike) -> str | None:
         source = f"the '{CAPTION_CHUNK}' text chunk of {path}"
     if caption is None:
         return None
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise ImageInputError(f"{source}: the caption is {len(caption):,} characters long, more than "
+                              f"{MAX_CAPTION_CHARS:,}; a caption is a short prompt such as 'a {{}} on a white "
+                              "background'. Shorten it or remove it")
     try:
         return _check_templates([caption])[0]
     except ValueError as error:
