@@ -30,10 +30,10 @@ from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
 from .attention import ensure_processors, pack
-from .concept import Concept, atomic_write
-from .conditioning import TextConditioner, check_placeholder_token, super_category_id
-from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig
-from .data import CROP_MODES, ConceptDataset, LoadedImage, template_kind
+from .concept import Concept, atomic_write, one_line, read_header, read_tensors
+from .conditioning import TextConditioner, check_placeholder_token, format_prompt, super_category_id
+from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig, _known_fields
+from .data import CROP_MODES, ConceptDataset, LoadedImage, image_warnings, template_kind
 from .layers import cross_attention_layers
 from .models import model_label
 
@@ -125,7 +125,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
-        values = json.loads(text)
+        values = _known_fields(cls, json.loads(text))
         for key in ("ablations", "adam_betas", "preview_prompts", "preview_seeds"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -180,6 +180,11 @@ class TrainResult:
     steps_done: int
     cancelled: bool
     losses: list[float] = field(default_factory=list)
+    saved: bool = True  # False when nothing was trained (stopped before the first step): no file was written
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN or infinite; the message says what was kept."""
 
 
 def _seed_for(seed: int, micro_step: int) -> int:
@@ -199,6 +204,9 @@ class Trainer:
         self._cancel = threading.Event()
         check_placeholder_token(pipe.tokenizer, token)
         super_id = super_category_id(pipe.tokenizer, super_category)
+        if config.preview_every:  # a preview prompt that cannot render must fail now, not at step 0
+            for prompt in config.preview_prompts:
+                format_prompt(prompt, [token])
         self.layers = cross_attention_layers(pipe.unet)
         self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder)
         ensure_processors(pipe.unet, self.layers, self.conditioner.max_length)
@@ -209,6 +217,9 @@ class Trainer:
         if mapper_config.method != "neti":
             self.concept.mapper.initialize(super_embedding)
         self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.warnings = image_warnings(images, self.resolution)
+        for warning in self.warnings:
+            logger.warning(warning)
         self.dataset = ConceptDataset(list(images), self.resolution, template_kind(config.templates),
                                       flip_p=config.flip_p, crop=config.crop, seed=config.seed,
                                       use_captions=config.use_captions)
@@ -216,6 +227,7 @@ class Trainer:
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.step = 0
+        self._last_checkpoint: Path | None = None  # the newest checkpoint written or resumed (finite weights)
         self._accelerator = None
         self._setup_optimizer()
 
@@ -336,15 +348,22 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def train(self, out_path: str | Path, resume: str | Path | None = None) -> TrainResult:
-        """Train to `config.steps` (from a checkpoint if `resume`), saving the concept to `out_path`."""
+        """Train to `config.steps` (from a checkpoint, or a finished run's concept, if `resume`), saving the
+        concept to `out_path`. A NaN or infinite loss or weight stops the run (`TrainingDiverged`) and keeps the
+        last checkpoint as the concept, or writes nothing; a run that trained no step writes nothing."""
         cfg, out_path = self.config, Path(out_path)
         if resume is not None:
             self.load_checkpoint(resume)
+            if self.step >= cfg.steps:
+                raise ValueError(f"{str(resume)!r} is already at step {self.step} and steps is {cfg.steps}: "
+                                 f"nothing to train; give more steps (e.g. --steps {self.step + cfg.steps}) to "
+                                 "extend the run")
         losses: list[float] = []
+        self._keep = True  # False after a divergence with no finite checkpoint to fall back on
         self.concept.train()
         self._checkpointing(cfg.gradient_checkpointing)
         try:
-            if cfg.preview_every and self.step == 0 and self.is_main_process:
+            if cfg.preview_every and self.step == 0 and self.is_main_process and not self.cancelled:
                 self.preview()
             while self.step < cfg.steps and not self.cancelled:
                 started = time.perf_counter()
@@ -356,32 +375,49 @@ class Trainer:
                         loss = self.loss(self.make_batch(micro_step))
                         self._accelerator.backward(loss / cfg.grad_accum)
                     step_loss += float(loss.detach()) / cfg.grad_accum
+                if not math.isfinite(step_loss):
+                    self._diverged(f"the loss became {step_loss} at step {self.step + 1}")
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if not all(bool(torch.isfinite(p).all()) for p in self.concept.parameters()):
+                    self._diverged(f"the weights became NaN or infinite at step {self.step + 1}")
                 self.step += 1
                 self.concept.train_steps = self.step
                 losses.append(step_loss)
                 info = StepInfo(self.step, cfg.steps, step_loss, self.lr_scheduler.get_last_lr()[0],
                                 time.perf_counter() - started)
-                if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"the loss became {step_loss} at step {self.step}; lower the "
-                                             "learning rate or turn mixed precision off")
                 for cb in self.callbacks:
                     cb.on_step(info)
                 if not self.is_main_process:  # other processes only compute gradients
                     continue
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint(out_path)
+                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                    self.save_checkpoint(out_path)  # the final one too: a finished run can be extended
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
                     self.preview()
-        finally:  # finished, cancelled or crashed: the concept so far is saved
+        finally:  # finished, cancelled or crashed: the concept so far is saved (never untrained, never NaN)
             self.concept.eval()
             self._checkpointing(False)
-            if self.is_main_process:
+            saved = self._keep and self.step > 0 and self.is_main_process
+            if saved:
                 self.concept.save(out_path)
-            logger.info("saved %s after %d steps to %s", self.concept.token, self.step, out_path)
-        return TrainResult(self.concept, out_path, self.step, self.cancelled, losses)
+                logger.info("saved %s after %d steps to %s", self.concept.token, self.step, out_path)
+            elif self.step == 0:
+                logger.info("%s trained no step: nothing saved to %s", self.concept.token, out_path)
+        return TrainResult(self.concept, out_path, self.step, self.cancelled, losses, saved)
+
+    def _diverged(self, what: str) -> None:
+        """Put the last checkpoint's weights back (if any) and raise `TrainingDiverged` saying what was kept."""
+        lr = f"{self.learning_rate:g}"
+        kept = self._last_checkpoint
+        if kept is not None:
+            self._load_weights(kept)
+            outcome = f"the concept is kept at step {self.step} from its last checkpoint {str(kept)!r}"
+        else:
+            self._keep = False
+            outcome = "nothing was saved (no checkpoint with finite weights yet)"
+        raise TrainingDiverged(f"training diverged: {what}; {outcome}. Lower the learning rate (it was {lr} after "
+                               "scaling) or turn mixed precision off")
 
     def preview(self) -> PreviewInfo:
         """Render the preview prompts with the core generator on the same pipeline (fixed seeds)."""
@@ -425,37 +461,70 @@ class Trainer:
             "python_random": _jsonable(random.getstate()),
         })
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        self._last_checkpoint = path
         for old in sorted(folder.glob("checkpoint-*.safetensors"))[: -self.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
         for cb in self.callbacks:
             cb.on_checkpoint(CheckpointInfo(self.step, path))
         return path
 
+    def _load_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        """Read a checkpoint's tensors and put its mapper weights and step into the concept."""
+        tensors = read_tensors(path)
+        try:
+            self.concept.mapper.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("mapper.")})
+        except RuntimeError as exc:
+            raise ValueError(f"{str(path)!r} does not fit this run's mapper ({one_line(exc)}); resume with the "
+                             "settings it was trained with (method, ablations)") from None
+        self.step = self.concept.train_steps = int(read_header(path)[0].get("train_steps", "0"))
+        return tensors
+
     def load_checkpoint(self, path: str | Path) -> None:
-        path = latest_checkpoint(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "training_state" not in meta:
-            raise ValueError(f"{str(path)!r} is a concept but not a training checkpoint (no optimiser state); "
-                             "resume from a file in the '*-checkpoints' folder")
-        state = json.loads(meta["training_state"])
-        saved = TrainConfig.from_json(state["train_config"])
+        """Continue from a training checkpoint, a checkpoints folder, or a finished run's concept file (whose
+        checkpoint at the same step is in its '*-checkpoints' folder)."""
+        path = resumable_checkpoint(path)
+        meta, _ = read_header(path)
+        try:
+            state = json.loads(meta["training_state"])
+            saved = TrainConfig.from_json(state["train_config"])
+            step, param_groups, scheduler_state = int(state["step"]), state["param_groups"], state["lr_scheduler"]
+            python_random = _from_jsonable(state["python_random"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{str(path)!r} has a damaged training state ({one_line(exc)}); resume from another "
+                             "checkpoint") from None
+        if (saved.method, saved.ablations) != (self.config.method, self.config.ablations):
+            raise ValueError(f"{str(path)!r} was trained with method {saved.method!r} and ablations "
+                             f"{list(saved.ablations)}, this run uses {self.config.method!r} and "
+                             f"{list(self.config.ablations)}; resume with the same method and ablations")
         if replace(saved, steps=self.config.steps) != replace(self.config, steps=self.config.steps):
             logger.warning("resuming with settings that differ from the checkpoint's; the run will not be "
                            "identical to an uninterrupted one")
-        tensors = load_file(str(path))
-        self.concept.mapper.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("mapper.")})
-        optim_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+        tensors = self._load_weights(path)
+        optim_state: dict = {"state": {}, "param_groups": param_groups}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
                 optim_state["state"].setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict(optim_state)
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        random.setstate(_from_jsonable(state["python_random"]))
-        self.step = self.concept.train_steps = int(state["step"])
+        try:
+            self.optimizer.load_state_dict(optim_state)
+            self.lr_scheduler.load_state_dict(scheduler_state)
+            torch.set_rng_state(tensors["rng.torch"])
+            random.setstate(python_random)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{str(path)!r} has a damaged optimiser or random state ({one_line(exc)}); resume "
+                             "from another checkpoint") from None
+        self.step = self.concept.train_steps = step
+        self._last_checkpoint = path
         logger.info("resumed %s from %s at step %d", self.concept.token, path, self.step)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a training checkpoint (from its metadata); None for an unreadable file or a plain concept."""
+    try:
+        meta, _ = read_header(path)
+        return int(json.loads(meta["training_state"])["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def latest_checkpoint(path: str | Path) -> Path:
@@ -464,16 +533,42 @@ def latest_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         candidates = []
         for file in path.glob("*.safetensors"):
-            with safe_open(str(file), framework="pt") as f:
-                meta = f.metadata() or {}
-            if "training_state" in meta:
-                candidates.append((json.loads(meta["training_state"])["step"], file))
+            step = _checkpoint_step(file)
+            if step is None:
+                logger.warning("ignoring %s: not a readable training checkpoint", file)
+            else:
+                candidates.append((step, file))
         if not candidates:
             raise FileNotFoundError(f"no training checkpoint in {str(path)!r}")
         return max(candidates)[1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return path
+
+
+def resumable_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to resume from: `latest_checkpoint(path)`, or for a finished run's concept file the
+    checkpoint of its '*-checkpoints' folder at the concept's step with the same weights."""
+    path = latest_checkpoint(path)
+    meta, _ = read_header(path)
+    if "training_state" in meta:
+        return path
+    folder = path.with_name(path.stem + "-checkpoints")
+    steps = meta.get("train_steps", "?")
+    if folder.is_dir():
+        concept = Concept.load(path)
+        for file in sorted(folder.glob("*.safetensors")):
+            if str(_checkpoint_step(file)) == steps:
+                weights = _read_weights(file)
+                if all(torch.equal(weights[k], v) for k, v in concept.mapper.state_dict().items() if k in weights):
+                    return file
+    raise ValueError(f"{str(path)!r} is a concept but not a training checkpoint (no optimiser state), and "
+                     f"{str(folder)!r} holds no checkpoint of it at step {steps}; resume from a file in the "
+                     "'*-checkpoints' folder (runs trained with checkpoints on can be extended)")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k[7:]: v.float() for k, v in read_tensors(path).items() if k.startswith("mapper.")}
 
 
 def _jsonable(state):

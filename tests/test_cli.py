@@ -38,7 +38,8 @@ def test_train_writes_the_concept_previews_and_checkpoints(trained):
     previews = sorted(p.name for p in (root / "concepts" / "thing-previews").iterdir())
     assert previews == ["step-000000.png", "step-000002.png"]
     assert read_settings(root / "concepts" / "thing-previews" / "step-000002.png")["seeds"] == [3]
-    assert [p.name for p in (root / "concepts" / "thing-checkpoints").iterdir()] == ["checkpoint-000001.safetensors"]
+    assert sorted(p.name for p in (root / "concepts" / "thing-checkpoints").iterdir()) == [
+        "checkpoint-000001.safetensors", "checkpoint-000002.safetensors"]  # the final step too (issue 13)
 
 
 def test_train_options_reach_the_run_config(trained):

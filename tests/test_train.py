@@ -155,7 +155,7 @@ def test_callbacks_fire_with_documented_values_including_a_step_zero_preview(tin
     assert [p.step for p in rec.previews] == [0, 2, 4]
     assert all(len(p.images) == 4 and p.seeds == [5, 6, 5, 6] for p in rec.previews)
     assert rec.previews[0].prompts == ["a photo of a {}"] * 2 + ["a sketch of a {}"] * 2
-    assert [c.step for c in rec.checkpoints] == [2]  # no checkpoint at the final step: the concept is saved
+    assert [c.step for c in rec.checkpoints] == [2, 4]  # the final step too: a finished run can be extended
     again = Recorder()
     Trainer(tiny_pipe, images, "<thing>", "cat", cfg, callbacks=[again]).train(tmp_path / "d.safetensors")
     assert np.array_equal(np.asarray(rec.previews[0].images[0]), np.asarray(again.previews[0].images[0]))
@@ -165,8 +165,8 @@ def test_a_checkpoint_is_itself_a_loadable_concept_and_old_ones_are_pruned(tiny_
     Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=7, checkpoint_every=2, keep_checkpoints=2)).train(
         tmp_path / "c.safetensors")
     files = sorted(p.name for p in (tmp_path / "c-checkpoints").iterdir())
-    assert files == ["checkpoint-000004.safetensors", "checkpoint-000006.safetensors"]
-    assert Concept.load(tmp_path / "c-checkpoints" / files[-1]).train_steps == 6
+    assert files == ["checkpoint-000006.safetensors", "checkpoint-000007.safetensors"]  # 7: the final step
+    assert Concept.load(tmp_path / "c-checkpoints" / files[0]).train_steps == 6
 
 
 @pytest.mark.parametrize("ablation, field, value", [
