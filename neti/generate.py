@@ -121,8 +121,7 @@ class Generator:
         import diffusers
 
         cls = getattr(diffusers, SCHEDULERS[name])
-        extra = {"clip_sample": False} if name == "ddim" else {}  # SD's own DDIM setting
-        return cls.from_config(self.pipe.scheduler.config, **extra)
+        return cls.from_config(self.pipe.scheduler.config)  # the model's own settings (clip_sample etc.)
 
     def prepare(self, prompt: str, concepts: Sequence[Concept]) -> tuple:
         concepts = list(concepts)
