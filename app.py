@@ -7,6 +7,7 @@ Layout and event wiring only; all work goes through `neti.studio`. Run:
 from __future__ import annotations
 
 import argparse
+import html
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYE
     Sampling
 from neti.studio import DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, \
     SHIPPED_CONCEPTS_DIR, Studio, TrainingBusyError, check_uploads, example, example_names
+from neti.concept import one_line
 from neti.train import TrainConfig
 
 logger = logging.getLogger("neti.app")
@@ -38,15 +40,26 @@ def studio() -> Studio:
 
 
 class user_errors:
-    """Turn library errors into `gr.Error` with their readable message (never a stack trace)."""
+    """Turn errors into `gr.Error` toasts with their readable message, HTML-escaped so that a `<token>` shows whole
+    (never a stack trace; unexpected errors are logged with theirs, and the app keeps working)."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, exc, tb):
-        if exc is not None and isinstance(exc, USER_ERRORS):
-            raise gr.Error(str(exc), print_exception=False) from None
-        return False
+        if exc is None or isinstance(exc, gr.Error) or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, USER_ERRORS):
+            raise gr.Error(html.escape(one_line(exc)), print_exception=False) from None
+        logger.error("unexpected error", exc_info=(kind, exc, tb))
+        raise gr.Error(html.escape(f"unexpected {type(exc).__name__}: {one_line(exc)} (details in the server log)"),
+                       print_exception=False) from None
+
+
+def markdown_text(text: str) -> str:
+    """`text` for a Markdown component: HTML-escaped outside `code spans`, so that a `<token>` is shown whole."""
+    parts = text.split("`")
+    return "`".join(part if i % 2 else html.escape(part, quote=False) for i, part in enumerate(parts))
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
@@ -115,9 +128,9 @@ def describe_uploads(files):
     try:
         check = check_uploads(upload_paths(files))
     except ValueError as exc:
-        return [], f"**Upload refused:** {exc}"
+        return [], f"**Upload refused:** {markdown_text(str(exc))}"
     lines = [f"**{len(check.paths)} image(s) ready.**"] if check.paths else []
-    lines += [f"**Rejected** {m}" for m in check.messages()]
+    lines += [f"**Rejected** {markdown_text(m)}" for m in check.messages()]
     return [(str(p), Path(p).name) for p in check.paths], "\n\n".join(lines)
 
 
@@ -149,7 +162,10 @@ def start_training(files, name, token, super_category, method, steps, learning_r
                              preview_every=int(preview_every), preview_prompts=prompts, preview_seeds=(0,),
                              seed=int(seed), checkpoint_every=0)
         snap = studio().start_training(check.images, name, token, super_category, config)
-    return f"Started training {snap.name} (`{snap.token}`) for {snap.total} steps."
+    for warning in snap.warnings:
+        gr.Warning(html.escape(warning))
+    notes = "".join(f"\n\n**Note:** {markdown_text(w)}" for w in snap.warnings)
+    return f"Started training {snap.name} (`{snap.token}`) for {snap.total} steps.{notes}"
 
 
 def stop_training():
@@ -183,10 +199,11 @@ def poll(seen_training: tuple, seen_library, multi, geo, app_, explore):
     skip4 = (gr.skip(),) * 4
     seen_version, seen_previews = seen_training or (-1, -1)
     if snap.version == seen_version:
-        train_out = (gr.skip(),) * 3
+        train_out = (gr.skip(),) * 4
     else:  # the gallery only when a preview arrived (re-encoding the history every step would be wasted work)
         gallery_out = preview_gallery(snap) if len(snap.previews) != seen_previews else gr.skip()
-        train_out = (snap.summary(), loss_frame(snap), gallery_out)
+        message = "" if snap.status == "failed" else gr.skip()  # no "Started training" next to the failure
+        train_out = (markdown_text(snap.summary()), loss_frame(snap), gallery_out, message)
     if library != seen_library:
         added = [e[0] for e in library if seen_library is not None and e[0] not in {x[0] for x in seen_library}]
         if added:  # a concept just finished training or was imported: select it where one concept is asked for
@@ -318,7 +335,8 @@ def delete_concept(name, multi, geo, app_):
 def on_load(multi, geo, app_, explore):
     """Page (re)load: model line, concept lists and the training view of any running job."""
     snap = studio().training.snapshot()
-    return (model_status(), *dropdown_updates(multi, geo, app_, explore), snap.summary(), loss_frame(snap),
+    return (model_status(), *dropdown_updates(multi, geo, app_, explore), markdown_text(snap.summary()),
+            loss_frame(snap),
             preview_gallery(snap), (snap.version, len(snap.previews)), studio().library.version())
 
 
@@ -479,11 +497,13 @@ with demo:
 
     uploads.change(describe_uploads, uploads, [thumbs, upload_md], api_name="check_uploads")
     example_dd.change(pick_example, example_dd, [uploads, token, super_category, concept_name], api_name=False)
-    start_btn.click(start_training, [uploads, concept_name, token, super_category, method, steps, lr, bypass, nested,
-                                     preview_prompts, preview_every, seed_train], train_msg, api_name="train_start")
+    start_btn.click(lambda: "", None, train_msg, api_name=False, show_progress="hidden").then(
+        start_training, [uploads, concept_name, token, super_category, method, steps, lr, bypass, nested,
+                         preview_prompts, preview_every, seed_train], train_msg, api_name="train_start")
     stop_btn.click(stop_training, None, train_msg, api_name="train_stop")
     timer.tick(poll, [seen_training, seen_library, *drops],
-               [train_status, loss_plot, previews, *drops, seen_training, seen_library], show_progress="hidden",
+               [train_status, loss_plot, previews, train_msg, *drops, seen_training, seen_library],
+               show_progress="hidden",
                api_name=False)
     gr.Button(visible=False).click(training_status, None, gr.JSON(visible=False), api_name="train_status")
 

@@ -44,6 +44,8 @@ class TrainingSnapshot:
     preview_prompts: tuple[str, ...] = ()
     error: str = ""
     output_path: str = ""
+    saved: bool = False  # whether the concept file was written (a run stopped before its first step writes none)
+    warnings: tuple[str, ...] = ()  # what to expect from these images (too few, too small)
     version: int = 0  # increases with every change
 
     @property
@@ -60,7 +62,8 @@ class TrainingSnapshot:
         if self.status == "failed":
             return f"{head}. Error: {self.error}"
         if self.status in ("finished", "stopped"):
-            return f"{head}. Saved as concept '{self.name}'."
+            return f"{head}. Saved as concept '{self.name}'." if self.saved else f"{head}. Nothing was trained: no " \
+                "concept was saved."
         return head
 
 
@@ -147,7 +150,11 @@ class TrainingManager:
             with self._lock:
                 self._snap = replace(previous, version=self._snap.version + 1)
             raise
-        self._trainer = trainer
+        with self._lock:  # a Stop pressed while the trainer was being built is honoured now
+            self._trainer = trainer
+            self._update(warnings=tuple(trainer.warnings))
+            if self._snap.status == "stopping":
+                trainer.cancel()
         self._thread = threading.Thread(target=self._run, args=(trainer, Path(out_path), on_done),
                                         name=f"neti-train-{name}", daemon=True)
         self._thread.start()
@@ -163,11 +170,12 @@ class TrainingManager:
             result = trainer.train(out_path)
             with self._lock:
                 self._update(status="stopped" if result.cancelled else "finished", step=result.steps_done,
-                             eta_seconds=None)
+                             eta_seconds=None, saved=result.saved)
         except Exception as exc:  # shown to the user; the trainer saved what it had
             logger.exception("training %s failed", out_path.name)
             with self._lock:
-                self._update(status="failed", error=f"{type(exc).__name__}: {exc}", eta_seconds=None)
+                self._update(status="failed", error=str(exc) if isinstance(exc, ValueError) else
+                             f"{type(exc).__name__}: {exc}", eta_seconds=None, saved=Path(out_path).is_file())
         finally:
             torch.set_num_threads(previous)
             self._trainer = None

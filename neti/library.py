@@ -47,6 +47,15 @@ def name_from_token(token: str) -> str:
     return stem or "concept"
 
 
+def _escapes(path: Path, folder: Path) -> bool:
+    """Whether `path` (a link, say) resolves to somewhere outside `folder`."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return False
+    except ValueError:
+        return True
+
+
 @dataclass(frozen=True)
 class ConceptEntry:
     name: str
@@ -76,6 +85,9 @@ class ConceptLibrary:
                 name = path.name[: -len(CONCEPT_SUFFIX)]
                 if name.startswith(".") or not path.is_file() or name in found:
                     continue
+                if _escapes(path, folder):
+                    logger.warning("ignoring %s: a link to %s, outside the concepts folder", path, path.resolve())
+                    continue
                 found[name] = ConceptEntry(name, path, shipped)
         return sorted(found.values(), key=lambda e: (e.shipped, e.name.casefold()))
 
@@ -98,6 +110,11 @@ class ConceptLibrary:
         for e in self.entries():
             if e.name == name:
                 return e
+        for folder in (self.folder, self.shipped_folder):
+            path = folder / f"{name}{CONCEPT_SUFFIX}" if folder else None
+            if path is not None and path.is_symlink() and _escapes(path, folder):
+                raise ValueError(f"concept {name!r} is a link to a file outside the concepts folder "
+                                 f"({str(path.resolve())!r}); it is not read. Copy the file into the folder instead")
         raise ValueError(f"there is no concept named {name!r}; available: {', '.join(self.names()) or 'none'}")
 
     def load(self, name: str) -> Concept:
@@ -113,6 +130,16 @@ class ConceptLibrary:
         with self._lock:
             self._cache[path] = (key, concept)
         return concept
+
+    def token_owner(self, token: str) -> str | None:
+        """The name of a concept in the library whose token is `token` (unreadable files are skipped)."""
+        for e in self.entries():
+            try:
+                if self.load(e.name).token == token:
+                    return e.name
+            except (ValueError, OSError):
+                continue
+        return None
 
     def info(self, name: str) -> dict:
         e = self.entry(name)

@@ -234,6 +234,10 @@ class Studio:
         token = (token or "").strip()
         name = check_name(name or name_from_token(token))
         out = self.library.path_for_new(name)
+        owner = self.library.token_owner(token)
+        if owner is not None:
+            raise ValueError(f"the token {token!r} is already used by concept {owner!r}; choose another token (two "
+                             "concepts with one token cannot share a prompt), or rename or delete that concept")
         return self.training.start(self.pipe, self.model_name, images, name, token, (super_category or "").strip(),
                                    config, out)
 
