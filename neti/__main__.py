@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger("neti")
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-prompt", action="append", default=None, help="repeatable; default 'a photo of a {}'")
     p.add_argument("--preview-seed", type=int, action="append", default=None, help="repeatable; default 0 and 1")
     p.add_argument("--preview-steps", type=int, default=20, help="sampler steps of each preview")
-    p.add_argument("--resume", default=None, help="a checkpoint file or checkpoints folder")
+    p.add_argument("--resume", default=None, help="a checkpoint file, a checkpoints folder, or a finished run's "
+                   "concept (with more --steps: extends the run exactly)")
     p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing concept file at --out")
 
     p = sub.add_parser("generate", help="render a prompt with concepts (or a truncation sweep)")
     _model_args(p)
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mapper", help="mapper-steps-N.pt")
     p.add_argument("--embeds", default=None, help="learned_embeds-steps-N.bin")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing file at --out")
 
     p = sub.add_parser("export", help="export a concept: fp16, truncated, or as a textual-inversion embedding")
     p.add_argument("concept")
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="kind", choices=["concept", "textual-inversion"], default="concept")
     p.add_argument("--fp16", action="store_true", help="half-precision weights (about half the size)")
     p.add_argument("--keep-units", type=int, default=None, help="keep the first k hidden units (App. B)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file at --out")
 
     p = sub.add_parser("info", help="print a concept's metadata, parameter count and file size")
     p.add_argument("concept")
@@ -147,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Without -v, a command prints its result and errors only: no library notices or loading bars."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for lib in (diffusers.utils.logging, transformers.utils.logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
 def _generator(args):
     from .generate import Generator
     from .models import load_pipeline
@@ -172,14 +187,31 @@ def _write(result, out: str, stem: str) -> None:
         print(save_png(result.grid, folder / f"{stem}-grid.png", {"items": result.settings}))
 
 
+def _same_run(resume: Path, out: Path) -> bool:
+    """Whether `--resume` continues the run that writes `out` (its concept or its checkpoints)."""
+    resume, out = resume.resolve(), out.resolve()
+    checkpoints = out.with_name(out.stem + "-checkpoints")
+    return resume in (out, checkpoints) or resume.parent == checkpoints
+
+
 def cmd_train(args) -> None:
     from tqdm import tqdm
 
+    from .concept import check_output_file, check_output_folder
     from .data import load_images
     from .images import make_grid, save_png
     from .models import load_pipeline
-    from .train import TrainConfig, Trainer, TrainingCallback
+    from .train import TrainConfig, Trainer, TrainingCallback, resumable_checkpoint
 
+    out = Path(args.out)  # everything that can be checked is checked before the model loads
+    same_run = args.resume is not None and _same_run(Path(args.resume), out)
+    check_output_file(out, "concept file", force=args.force or same_run)
+    check_output_folder(out.with_name(out.stem + "-checkpoints"), "checkpoints folder")
+    previews = out.with_name(out.stem + "-previews")
+    if args.preview_every:
+        check_output_folder(previews, "previews folder")
+    if args.resume is not None:
+        resumable_checkpoint(args.resume)
     source = args.images[0] if len(args.images) == 1 else args.images
     images = load_images(source)
     config = TrainConfig(
@@ -193,12 +225,9 @@ def cmd_train(args) -> None:
         preview_every=args.preview_every, preview_prompts=tuple(args.preview_prompt or ["a photo of a {}"]),
         preview_seeds=tuple(args.preview_seed or [0, 1]),
     )
-    out = Path(args.out)
-    previews = out.with_name(out.stem + "-previews")
 
     class Progress(TrainingCallback):
-        def __init__(self):
-            self.bar = tqdm(total=config.steps, desc=args.token, unit="step")
+        bar = None  # made once set-up succeeded, so that set-up errors are the last line
 
         def on_step(self, info):
             self.bar.n = info.step
@@ -213,21 +242,34 @@ def cmd_train(args) -> None:
     pipe = load_pipeline(args.model, args.device)
     progress = Progress()
     trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress])
+    progress.bar = tqdm(total=config.steps, desc=args.token, unit="step", disable=None)  # None: off if not a tty
     try:
         result = trainer.train(out, resume=args.resume)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the concept so far ({trainer.step} steps) is saved to {out}")
+        progress.bar.close()
+        saved = f"the concept so far ({trainer.step} steps) is saved to {out}" if trainer.step else "nothing saved"
+        print(f"\ninterrupted: {saved}", file=sys.stderr)
         raise SystemExit(130)
+    except BaseException:
+        progress.bar.leave = False  # the error, not a stale bar, is the last line
+        raise
     finally:
         progress.bar.close()
     print(f"{result.concept.describe()}\nsaved to {result.path}")
 
 
-def cmd_generate(args) -> None:
+def _load_concepts(paths) -> list:
     from .concept import Concept
 
+    return [Concept.load(p) for p in paths]
+
+
+def cmd_generate(args) -> None:
+    from .concept import check_output_folder
+
+    check_output_folder(args.out)
+    concepts = _load_concepts(args.concept)
     gen = _generator(args)
-    concepts = [Concept.load(p) for p in args.concept]
     if args.sweep:
         result = gen.sweep(args.prompt, concepts, args.seeds, args.sweep, _sampling(args), args.alpha)
     else:
@@ -236,26 +278,31 @@ def cmd_generate(args) -> None:
 
 
 def cmd_mix(args) -> None:
-    from .concept import Concept
+    from .concept import check_output_folder
 
+    check_output_folder(args.out)
+    geometry, appearance = _load_concepts([args.geometry, args.appearance])
     gen = _generator(args)
-    result = gen.mix(args.prompt, Concept.load(args.geometry), Concept.load(args.appearance), args.seeds, args.starts,
-                     args.geometry_layers, _sampling(args), args.truncation, args.alpha)
+    result = gen.mix(args.prompt, geometry, appearance, args.seeds, args.starts, args.geometry_layers,
+                     _sampling(args), args.truncation, args.alpha)
     _write(result, args.out, "mix")
 
 
 def cmd_decompose(args) -> None:
-    from .concept import Concept
+    from .concept import check_output_folder
 
+    check_output_folder(args.out)
+    concepts = _load_concepts([args.concept])
     gen = _generator(args)
-    result = gen.decompose(args.prompt, [Concept.load(args.concept)], args.seed, args.timesteps, _sampling(args),
-                           args.truncation, args.alpha)
+    result = gen.decompose(args.prompt, concepts, args.seed, args.timesteps, _sampling(args), args.truncation,
+                           args.alpha)
     _write(result, args.out, "decompose")
 
 
 def cmd_import(args) -> None:
-    from .concept import import_official
+    from .concept import check_output_file, import_official
 
+    check_output_file(args.out, force=args.force)
     concept = import_official(args.mapper, args.embeds)
     concept.save(args.out)
     print(f"{concept.describe()}\nsaved to {args.out}")
@@ -264,8 +311,9 @@ def cmd_import(args) -> None:
 def cmd_export(args) -> None:
     import torch
 
-    from .concept import Concept, export_textual_inversion
+    from .concept import Concept, check_output_file, export_textual_inversion
 
+    check_output_file(args.out, force=args.force)
     concept = Concept.load(args.concept)
     if args.keep_units is not None:
         concept = concept.truncated(args.keep_units)
@@ -309,15 +357,34 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "mix": cmd_mix, "decom
             "eval": cmd_eval}
 
 
+USER_ERRORS = (ValueError, OSError, ImportError)  # bad input, files, a missing optional package: one line, exit 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Errors in what the user gave print one line and exit 2; unexpected ones print one line and
+    exit 1, or their traceback with -v."""
+    from .concept import one_line
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            if not args.verbose:  # the libraries' own notices (optional back ends, deprecations) are not the user's
+                warnings.simplefilter("ignore")
+                if args.command not in ("info", "export", "import-official"):
+                    _quiet_libraries()
+            COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
+
 
 
 if __name__ == "__main__":
