@@ -354,10 +354,6 @@ class Trainer:
         cfg, out_path = self.config, Path(out_path)
         if resume is not None:
             self.load_checkpoint(resume)
-            if self.step >= cfg.steps:
-                raise ValueError(f"{str(resume)!r} is already at step {self.step} and steps is {cfg.steps}: "
-                                 f"nothing to train; give more steps (e.g. --steps {self.step + cfg.steps}) to "
-                                 "extend the run")
         losses: list[float] = []
         self._keep = True  # False after a divergence with no finite checkpoint to fall back on
         self.concept.train()
@@ -492,11 +488,14 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{str(path)!r} has a damaged training state ({one_line(exc)}); resume from another "
                              "checkpoint") from None
+        if step >= self.config.steps:
+            raise ValueError(f"{str(path)!r} is already at step {step} and steps is {self.config.steps}: nothing to "
+                             f"train; give more steps (e.g. --steps {step + self.config.steps}) to extend the run")
         if (saved.method, saved.ablations) != (self.config.method, self.config.ablations):
             raise ValueError(f"{str(path)!r} was trained with method {saved.method!r} and ablations "
                              f"{list(saved.ablations)}, this run uses {self.config.method!r} and "
                              f"{list(self.config.ablations)}; resume with the same method and ablations")
-        if replace(saved, steps=self.config.steps) != replace(self.config, steps=self.config.steps):
+        if _weights_settings(saved) != _weights_settings(self.config):
             logger.warning("resuming with settings that differ from the checkpoint's; the run will not be "
                            "identical to an uninterrupted one")
         tensors = self._load_weights(path)
@@ -516,6 +515,12 @@ class Trainer:
         self.step = self.concept.train_steps = step
         self._last_checkpoint = path
         logger.info("resumed %s from %s at step %d", self.concept.token, path, self.step)
+
+
+def _weights_settings(config: TrainConfig) -> TrainConfig:
+    """`config` without the settings that do not change the weights (steps, checkpoints, previews)."""
+    return replace(config, steps=1, checkpoint_every=0, keep_checkpoints=1, preview_every=0, preview_prompts=("{}",),
+                   preview_seeds=(0,), preview_steps=1, preview_guidance=0.0)
 
 
 def _checkpoint_step(path: Path) -> int | None:

@@ -272,3 +272,24 @@ def test_multi_token_super_category_is_an_error_showing_the_split(tiny_pipe):
         super_category_id(tiny_pipe.tokenizer, "zebra")
     with pytest.raises(ValueError, match=r"splits it into \['red</w>', 'cat</w>'\]"):
         super_category_id(tiny_pipe.tokenizer, "red cat")
+
+
+# ---- issue 13: tokens are whole words ---------------------------------------------------------------------------
+
+def test_a_token_matches_only_as_a_word_of_its_own(conditioner):
+    tokenized = conditioner.tokenize("a art next to a heart, art's and (art)", ["art"])
+    assert [t for _, t in tokenized.slots] == ["art", "art", "art"]
+    assert len(conditioner.tokenize("a <dc>s and x<dc>y", ["<dc>"]).slots) == 0
+    assert format_prompt("a {} next to a red heart", ["dc"]) == "a dc next to a red heart"
+    with pytest.raises(ValueError, match="does not contain the concept's token 'art' as a word of its own"):
+        format_prompt("a red heart", ["art"])
+
+
+@pytest.mark.parametrize("token, message", [
+    ("my-cat", "without angle brackets must be letters, digits and '_' only"), ("<a<b>", "must be '<name>'"),
+    ("<cat", "must be '<name>'"), ("x" * 65, "more than 64"),
+])
+def test_tokens_that_break_the_whole_word_rule_are_refused_with_the_reason(tiny_pipe, token, message):
+    with pytest.raises(ValueError, match=message):
+        check_placeholder_token(tiny_pipe.tokenizer, token)
+    check_placeholder_token(tiny_pipe.tokenizer, "dc")  # bare words are fine

@@ -290,3 +290,24 @@ def test_make_grid_lays_out_rows_by_columns_with_padding():
     assert grid.getpixel((0, 8)) == (0, 0, 0)  # row 1, column 0
     with pytest.raises(ValueError, match="a 2x2 grid needs 4 images, got 6"):
         make_grid(images, 2, 2)
+
+
+# ---- issue 13: schedulers follow the model's config ------------------------------------------------------------
+
+def test_ddim_keeps_the_models_clip_sample_and_every_offered_scheduler_builds(generator, tiny_pipe):
+    import diffusers
+
+    for clip_sample in (True, False):
+        tiny_pipe.register_modules(scheduler=diffusers.DDIMScheduler.from_config(tiny_pipe.scheduler.config,
+                                                                                 clip_sample=clip_sample))
+        assert generator.make_scheduler("ddim").config.clip_sample is clip_sample
+    for name in SCHEDULERS:  # LMS needs scipy (requirements.txt)
+        scheduler = generator.make_scheduler(name)
+        scheduler.set_timesteps(3)
+        assert len(scheduler.timesteps) >= 3, name  # PNDM adds one
+
+
+def test_ddim_equals_diffusers_pipeline_with_the_same_config(generator, tiny_model_dir):
+    sampling = Sampling(steps=2, guidance=7.5, scheduler="ddim")
+    ours = generator.generate(PLAIN, [], seeds=[2], sampling=sampling, output_type="np").images
+    assert max_diff(ours[0], diffusers_images(tiny_model_dir, PLAIN, "ddim", seed=2)[0]) <= 1e-4

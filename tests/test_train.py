@@ -264,3 +264,71 @@ def test_images_with_captions_train_on_their_captions_and_the_choice_is_saved(ti
     check = check_uploads(paths)
     assert len(check.images) == 2 and check.rejected[0][0] == "1.png" and "exactly one '{}'" in check.rejected[0][1]
     assert TrainConfig.from_json(quick(use_captions=False).to_json()).use_captions is False  # saved in checkpoints
+
+
+# ---- issue 13: divergence, 0-step runs, extending finished runs -------------------------------------------------
+
+def _nan_from(trainer, monkeypatch, micro_step):
+    real = trainer.loss
+
+    def loss(batch):
+        value = real(batch)
+        return value * float("nan") if trainer.step * trainer.config.grad_accum >= micro_step else value
+
+    monkeypatch.setattr(trainer, "loss", loss)
+
+
+def test_divergence_keeps_the_last_finite_checkpoint_as_the_concept(tiny_pipe, images, tmp_path, monkeypatch):
+    from neti.train import TrainingDiverged
+
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=10, checkpoint_every=2))
+    _nan_from(trainer, monkeypatch, 5)  # step 6 diverges; the checkpoint of step 4 is the last finite one
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 6; the concept is kept at step 4"):
+        trainer.train(tmp_path / "c.safetensors")
+    concept = Concept.load(tmp_path / "c.safetensors")
+    kept = Concept.load(tmp_path / "c-checkpoints" / "checkpoint-000004.safetensors")
+    assert concept.train_steps == 4
+    for (name, a), (_, b) in zip(concept.mapper.state_dict().items(), kept.mapper.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in (tmp_path / "c-checkpoints").iterdir()) == [
+        "checkpoint-000002.safetensors", "checkpoint-000004.safetensors"]
+
+
+def test_divergence_without_a_checkpoint_writes_nothing_and_nan_weights_are_never_saved(tiny_pipe, images, tmp_path):
+    from neti.train import TrainingDiverged
+
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=3, learning_rate=1e6))
+    with pytest.raises(TrainingDiverged, match="nothing was saved .* Lower the learning rate"):
+        trainer.train(tmp_path / "c.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_stopped_before_its_first_step_saves_no_concept(tiny_pipe, images, tmp_path):
+    rec = Recorder()
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(preview_every=1, preview_steps=1), callbacks=[rec])
+    trainer.cancel()  # e.g. Stop pressed while the app was still setting up
+    result = trainer.train(tmp_path / "c.safetensors")
+    assert result.cancelled and result.steps_done == 0 and not result.saved
+    assert rec.previews == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_preview_prompt_without_the_concept_is_refused_at_set_up(tiny_pipe, images):
+    with pytest.raises(ValueError, match=r"'a photo of a cat' does not contain the concept's token '<thing>'"):
+        Trainer(tiny_pipe, images, "<thing>", "cat", quick(preview_every=1, preview_prompts=("a photo of a cat",)))
+
+
+@pytest.mark.parametrize("resume_from", ["concept", "checkpoints"])
+def test_a_finished_run_extends_exactly_from_its_concept_or_its_checkpoints(tiny_pipe, images, tmp_path, resume_from):
+    """2 steps, finished, then extended to 3 equals 3 steps straight (to 1e-6 on the CPU)."""
+    straight = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=3, checkpoint_every=5))
+    straight = straight.train(tmp_path / "a.safetensors").concept
+    Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=2, checkpoint_every=5)).train(tmp_path / "b.safetensors")
+    assert Concept.load(tmp_path / "b.safetensors").train_steps == 2
+    source = tmp_path / ("b.safetensors" if resume_from == "concept" else "b-checkpoints")
+    extended = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=3, checkpoint_every=5))
+    result = extended.train(tmp_path / "b.safetensors", resume=source)
+    assert result.steps_done == 3 and Concept.load(tmp_path / "b.safetensors").train_steps == 3
+    for (name, a), (_, b) in zip(straight.mapper.state_dict().items(), result.concept.mapper.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    with pytest.raises(ValueError, match="checkpoint-000003.safetensors' is already at step 3 and steps is 3"):
+        Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=3)).train(tmp_path / "b.safetensors", resume=source)
