@@ -50,16 +50,21 @@ class user_errors:
         if exc is None or isinstance(exc, gr.Error) or not isinstance(exc, Exception):
             return False
         if isinstance(exc, USER_ERRORS):
-            raise gr.Error(html.escape(one_line(exc)), print_exception=False) from None
+            raise gr.Error(toast_text(one_line(exc)), print_exception=False) from None
         logger.error("unexpected error", exc_info=(kind, exc, tb))
-        raise gr.Error(html.escape(f"unexpected {type(exc).__name__}: {one_line(exc)} (details in the server log)"),
+        raise gr.Error(toast_text(f"unexpected {type(exc).__name__}: {one_line(exc)} (details in the server log)"),
                        print_exception=False) from None
+
+
+def toast_text(text: str) -> str:
+    """Toasts render HTML: escape it, so that a message naming a `<token>` shows it whole."""
+    return html.escape(text, quote=False)
 
 
 def markdown_text(text: str) -> str:
     """`text` for a Markdown component: HTML-escaped outside `code spans`, so that a `<token>` is shown whole."""
     parts = text.split("`")
-    return "`".join(part if i % 2 else html.escape(part, quote=False) for i, part in enumerate(parts))
+    return "`".join(part if i % 2 else toast_text(part) for i, part in enumerate(parts))
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def start_training(files, name, token, super_category, method, steps, learning_r
                              seed=int(seed), checkpoint_every=0)
         snap = studio().start_training(check.images, name, token, super_category, config)
     for warning in snap.warnings:
-        gr.Warning(html.escape(warning))
+        gr.Warning(toast_text(warning))
     notes = "".join(f"\n\n**Note:** {markdown_text(w)}" for w in snap.warnings)
     return f"Started training {snap.name} (`{snap.token}`) for {snap.total} steps.{notes}"
 

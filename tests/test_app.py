@@ -247,3 +247,89 @@ def test_background_training_runs_with_the_managers_cpu_threads(tiny_pipe, tmp_p
     assert done.wait(120) and manager.snapshot().status == "finished"
     assert seen == [before + 1] * 2 and torch.get_num_threads() == before  # set while training, then restored
     assert TrainingManager().threads == background_threads() >= 1
+
+
+# ---- issue 13: every message readable, no broken concept -------------------------------------------------------
+
+def test_a_message_with_a_token_comes_back_html_escaped_and_whole(app):
+    import html
+
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2)
+    assert "&lt;alpha&gt;" in msg and "does not contain the concept's token '<alpha>'" in html.unescape(msg)
+
+
+def test_bad_training_requests_are_refused_before_anything_starts(app):
+    import html
+
+    images = [handle_file(EXAMPLE / f"{i}.png") for i in range(3)]
+    before = sorted(p.name for p in app.concepts_dir.iterdir())
+    msg = html.unescape(error_of(app, "/train_start", images, "nobrace", "<nobrace>", "shape", "NeTI", 5, None, True,
+                                 True, "a photo of a circle", 1, 0))
+    assert "'a photo of a circle' does not contain the concept's token '<nobrace>'" in msg
+    msg = html.unescape(error_of(app, "/train_start", images, "clash", "<alpha>", "shape", "NeTI", 5, None, True,
+                                 True, "a photo of a {}", 0, 0))
+    assert "the token '<alpha>' is already used by concept 'alpha'" in msg
+    assert "'my-cat' without angle brackets" in error_of(app, "/train_start", images, "bare", "my-cat", "shape",
+                                                         "NeTI", 5, None, True, True, "a photo of a {}", 0, 0)
+    assert call(app, "/train_status")["status"] != "running"
+    assert sorted(p.name for p in app.concepts_dir.iterdir()) == before
+
+
+def test_one_small_image_trains_with_a_warning_in_the_message(app):
+    tiny = app.concepts_dir.parent / "one-pixel.png"
+    Image.new("RGB", (1, 1), "red").save(tiny)
+    message = call(app, "/train_start", [handle_file(tiny)], "one-image", "<one-image>", "shape", "NeTI", 1, None,
+                   True, True, "a photo of a {}", 0, 0)
+    assert "Started training one-image" in message
+    assert "only 1 training image(s): NeTI uses 3-10" in message and "(one-pixel.png is 1x1)" in message
+    while call(app, "/train_status")["status"] == "running":  # the event: the one-step run ends
+        time.sleep(0.2)
+    assert call(app, "/train_status")["status"] == "finished"
+    call(app, "/delete", "one-image", [], "alpha", "alpha")
+
+
+def test_hostile_names_and_links_out_of_the_concepts_folder_are_refused(app, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    tiny_concept("<outside>", 9).save(outside)
+    link = app.concepts_dir / "linked.safetensors"
+    link.symlink_to(outside)
+    try:
+        assert "outside the concepts folder" in error_of(app, "/concept_card", "linked")
+        assert "outside the concepts folder" in error_of(app, "/delete", "linked", [], "alpha", "alpha")
+        for bad in ("nul\x00name", "x" * 300, "..", "a/../b"):
+            assert "not allowed" in error_of(app, "/rename", "alpha", bad, [], "alpha", "alpha")
+        assert outside.is_file()
+    finally:
+        link.unlink()
+
+
+def test_stop_pressed_while_the_trainer_is_being_built_stops_the_run(tiny_pipe, tmp_path, monkeypatch):
+    import threading
+
+    import neti.jobs as jobs
+    from neti.train import TrainConfig
+
+    building, release = threading.Event(), threading.Event()
+    real = jobs.Trainer
+
+    def slow_trainer(*args, **kwargs):
+        building.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "Trainer", slow_trainer)
+    manager = jobs.TrainingManager()
+    done = threading.Event()
+    starter = threading.Thread(target=manager.start, args=(
+        tiny_pipe, "tiny", [Image.new("RGB", (32, 32), "red")] * 3, "t", "<t>", "cat",
+        TrainConfig(steps=500, grad_accum=1, checkpoint_every=0), tmp_path / "t.safetensors", lambda p: done.set()))
+    starter.start()
+    assert building.wait(60)
+    assert manager.stop().status == "stopping"
+    release.set()
+    starter.join(60)
+    assert done.wait(120)
+    snap = manager.snapshot()
+    assert snap.status == "stopped" and snap.step == 0 and not snap.saved
+    assert "Nothing was trained: no concept was saved" in snap.summary()
+    assert not (tmp_path / "t.safetensors").exists()

@@ -203,3 +203,17 @@ def test_train_watch_stop_generate_mix_and_explore(page):
     page.locator("#decompose-button").click()
     assert len(gallery_image(page, "#decompose-gallery", count=6)) == 6
     shot(page, "explore")
+
+
+def test_a_message_naming_a_token_is_shown_whole_in_the_toast(page):
+    """Toasts render HTML: a message with '<token>' was cut at the '<' (issue 13)."""
+    tab(page, "Generate")
+    page.wait_for_function("document.querySelector('#gen-concepts input') !== null")
+    page.get_by_label("Prompt ({} or the concepts' tokens)").fill("a photo of a circle")
+    page.locator("#gen-button").click()
+    toast = page.locator("[data-testid='toast-text']").filter(has_text="does not contain").first
+    toast.wait_for()
+    text = toast.inner_text()
+    assert re.search(r"does not contain the concept's token '<[^'<>]+>' as a word of its own: write <[^'<>]+> "
+                     r"\(or \{\}\) where the concept should appear", text), text
+    page.get_by_label("Prompt ({} or the concepts' tokens)").fill("a photo of a {} on a white background")
