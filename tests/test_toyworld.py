@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from toyworld.world import BACKGROUNDS, COLOURS, RGB, World, caption, parse_caption, render, vocabulary
+from toyworld.world import (BACKGROUNDS, COLOURS, RGB, UNNAMED_COLOURS, UNNAMED_PATTERNS, UNNAMED_SHAPES,
+                            UNNAMED_WORDS, World, caption, parse_caption, render, vocabulary)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,6 +45,51 @@ def test_captions_name_the_scene_in_the_vocabulary():
         found = parse_caption(text)
         assert (found["shape"], found["colour"], found["background"]) == (scene.shape, scene.colour, scene.background)
         assert nearest_colour(border_colour(render(scene))) == scene.background or scene.rendering == "blurry"
+
+
+def test_unnamed_attributes_are_drawn_but_never_said():
+    """Over many world seeds, unnamed shapes, colours, checks and second colours appear in the images, and no
+    caption (canonical, paraphrased, without colour) and no word of the generator's vocabulary names them."""
+    from toyworld.model import build_tokenizer
+
+    words, seen = set(vocabulary()), {"shape": set(), "colour": set(), "pattern": set(), "second": 0}
+    assert not words & UNNAMED_WORDS and UNNAMED_WORDS <= set(vocabulary(unnamed=True))
+    for seed in range(5):
+        world = World(seed, unnamed=0.15)
+        for i in range(300):
+            scene = world.scene(i)
+            seen["shape"].add(scene.shape), seen["colour"].add(scene.colour), seen["pattern"].add(scene.pattern)
+            seen["second"] += scene.second != "shade"
+            texts = [caption(scene), caption(scene, with_colour=False),
+                     *(caption(scene, np.random.default_rng([seed, i, v])) for v in range(3))]
+            for text in texts:
+                assert set(text.split()) <= words and not set(text.split()) & UNNAMED_WORDS, text
+            if not scene.named_shape:
+                assert all(t.split(" on a ")[0].split()[-1] in ("shape", "object", "shapes", "objects") for t in texts)
+            if scene.colour in UNNAMED_COLOURS or scene.second != "shade":  # no colour word at all
+                assert not any(c in t.split(" on a ")[0].split() for t in texts for c in COLOURS)
+    assert set(UNNAMED_SHAPES) <= seen["shape"] and set(UNNAMED_COLOURS) <= seen["colour"]
+    assert set(UNNAMED_PATTERNS) <= seen["pattern"] and seen["second"] > 50
+    vocab = build_tokenizer().get_vocab()
+    assert not any(w + "</w>" in vocab for w in UNNAMED_WORDS)
+
+
+def test_bundled_tokenizer_has_no_word_for_an_unnamed_attribute():
+    from transformers import CLIPTokenizer
+
+    from toyworld.model import TOY_SD_PATH
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOY_SD_PATH / "tokenizer"))
+    assert not any(w + "</w>" in tokenizer.get_vocab() for w in UNNAMED_WORDS)
+    assert len(tokenizer.tokenize("a pink checkered heart")) > 4  # spelled in pieces, no word for any of them
+
+
+def test_unnamed_world_is_pure_and_keeps_the_named_draws():
+    a, b, named = World(3, unnamed=0.2), World(3, unnamed=0.2), World(3)
+    assert [a.scene(i) for i in range(100)] == [b.scene(i) for i in range(100)]
+    assert all(np.array_equal(a.image(i), b.image(i)) for i in range(5))
+    kept = [i for i in range(200) if a.scene(i).named]
+    assert 60 < len(kept) < 190 and all(a.scene(i) == named.scene(i) for i in kept)
 
 
 def test_colour_dropout_leaves_out_the_object_colour_only():

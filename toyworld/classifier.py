@@ -17,7 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from toyworld.world import ATTRIBUTES, Labels, Scene
+from toyworld.world import (ATTRIBUTES, SECOND_COLOURS, UNNAMED_COLOURS, UNNAMED_PATTERNS, UNNAMED_SHAPES, Labels,
+                            Scene)
+
+UNNAMED_VALUES = {*UNNAMED_SHAPES, *UNNAMED_COLOURS, *UNNAMED_PATTERNS, *(set(SECOND_COLOURS) - {"shade"})}
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +31,17 @@ CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "assets" / "toy-class
 class AttributeClassifier(nn.Module):
     """(B, 3, 64, 64) images in [-1, 1] -> one logit vector per attribute."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, attributes: dict[str, tuple] | None = None):
         super().__init__()
+        self.attributes = dict(attributes or ATTRIBUTES)
         layers, channels = [], 3
         for out in (width, 2 * width, 4 * width, 4 * width):  # 64 -> 32 -> 16 -> 8 -> 4 pixels
             layers += [nn.Conv2d(channels, out, 3, padding=1), nn.GroupNorm(8, out), nn.SiLU(),
                        nn.Conv2d(out, out, 3, stride=2, padding=1), nn.SiLU()]
             channels = out
         self.features = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({name: nn.Linear(channels * 2, len(values)) for name, values in ATTRIBUTES.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(channels * 2, len(values))
+                                    for name, values in self.attributes.items()})
         self.width = width
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,7 +57,7 @@ class AttributeClassifier(nn.Module):
         for chunk in x.split(256):
             for k, v in self(chunk).items():
                 logits[k].append(v.argmax(dim=1))
-        return {k: [ATTRIBUTES[k][i] for i in torch.cat(v).tolist()] for k, v in logits.items()}
+        return {k: [self.attributes[k][i] for i in torch.cat(v).tolist()] for k, v in logits.items()}
 
 
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -71,6 +76,18 @@ def accuracy(classifier: AttributeClassifier, images, scenes: list[Scene]) -> di
     predicted = classifier.predict(images)
     truth = {name: [getattr(s, name) for s in scenes] for name in ATTRIBUTES}
     return {name: float(np.mean([p == t for p, t in zip(predicted[name], truth[name])])) for name in ATTRIBUTES}
+
+
+def unnamed_accuracy(classifier: AttributeClassifier, images, scenes: list[Scene]) -> dict[str, float]:
+    """Accuracy on the images whose attribute has an unnamed value (a heart, pink, checks, a second colour),
+    per attribute that has unnamed values."""
+    predicted = classifier.predict(images)
+    found = {}
+    for name in ("shape", "colour", "pattern", "second"):
+        hits = [p == getattr(s, name) for p, s in zip(predicted[name], scenes) if getattr(s, name) in UNNAMED_VALUES]
+        if hits:
+            found[name] = float(np.mean(hits))
+    return found
 
 
 def degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -94,7 +111,9 @@ def load_classifier(folder: str | Path = CLASSIFIER_PATH) -> AttributeClassifier
     folder = Path(folder)
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(f"no classifier in {folder}: train one with `python -m toyworld.train classifier`")
-    classifier = AttributeClassifier(json.loads((folder / "config.json").read_text())["width"])
+    config = json.loads((folder / "config.json").read_text())
+    attributes = {k: tuple(int(x) if k == "count" else x for x in v) for k, v in config["attributes"].items()}
+    classifier = AttributeClassifier(config["width"], attributes)
     classifier.load_state_dict(load_file(str(folder / "model.safetensors")))
     return classifier.eval()
 
@@ -113,7 +132,7 @@ def train_classifier(args) -> None:
         classifier.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
     # a fixed pool of images apart from those the VAE and UNet see, reused with random damage
-    pool, scenes = image_pool(World(args.seed), 20_000_000, min(POOL, args.steps * args.batch))
+    pool, scenes = image_pool(World(args.seed, unnamed=args.unnamed), 20_000_000, min(POOL, args.steps * args.batch))
     targets = label_tensors(scenes)
     progress = Progress(args.save_minutes, args.minutes)
 
@@ -138,6 +157,9 @@ def train_classifier(args) -> None:
     classifier.eval()
     images, scenes = dataset(World(args.seed + 1), 0, args.eval_count)
     print("held-out accuracy:", json.dumps({k: round(v, 4) for k, v in accuracy(classifier, images, scenes).items()}))
+    images, scenes = dataset(World(args.seed + 1, unnamed=0.5), 0, args.eval_count)
+    print("held-out accuracy on unnamed values:",
+          json.dumps({k: round(v, 4) for k, v in unnamed_accuracy(classifier, images, scenes).items()}))
     save_classifier(classifier, args.out or CLASSIFIER_PATH)
     print(f"saved to {args.out or CLASSIFIER_PATH}")
 

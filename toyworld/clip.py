@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from toyworld.world import BACKGROUNDS, COLOURS, COUNT_WORDS, PLURALS, RENDERING_PREFIXES, SHAPES, Scene, World
+from toyworld.world import (ALL_COLOURS, ALL_SHAPES, BACKGROUNDS, COLOURS, COUNT_WORDS, PLURALS, RENDERING_PREFIXES,
+                            SHAPES, Scene, World)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,13 @@ ZERO_SHOT_PROMPTS = {
     "background": [f"a shape on a {b} background" for b in BACKGROUNDS],
 }
 ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS}  # in ZERO_SHOT_PROMPTS' order
+ALL_VALUES = {"shape": ALL_SHAPES, "colour": ALL_COLOURS}  # named and unnamed: the judge's vocabulary has both
+
+
+def zero_shot_prompts(attribute: str, values) -> list[str]:
+    if attribute == "shape":
+        return [f"a {s}" for s in values]
+    return [f"{'an' if c[0] in 'aeiou' else 'a'} {c} shape" for c in values]
 
 
 def _text_features(model, processor, prompts: list[str]) -> torch.Tensor:
@@ -94,6 +102,22 @@ def zero_shot_accuracy(model, processor, images: np.ndarray, scenes: list[Scene]
         predicted = (image_features @ text_features.T).argmax(dim=1).tolist()
         values = ATTRIBUTE_VALUES[attribute]
         result[attribute] = float(np.mean([values[p] == getattr(s, attribute) for p, s in zip(predicted, scenes)]))
+    return result
+
+
+@torch.no_grad()
+def zero_shot_unnamed(model, processor, images: np.ndarray, scenes: list[Scene]) -> dict[str, float]:
+    """Zero-shot accuracy over named and unnamed values together, on the images whose shape (colour) is unnamed."""
+    image_features = F.normalize(_features(model.get_image_features(**processor(images=list(images), return_tensors="pt"))),
+                                 dim=-1)
+    result = {}
+    for attribute, values in ALL_VALUES.items():
+        rows = [i for i, s in enumerate(scenes) if getattr(s, attribute) not in ATTRIBUTE_VALUES[attribute]]
+        if rows:
+            text_features = _text_features(model, processor, zero_shot_prompts(attribute, values))
+            predicted = (image_features[rows] @ text_features.T).argmax(dim=1).tolist()
+            result[attribute] = float(np.mean([values[p] == getattr(scenes[i], attribute)
+                                               for p, i in zip(predicted, rows)]))
     return result
 
 
@@ -123,7 +147,7 @@ def train_clip(args) -> None:
 
     path = args.checkpoints / "clip.pt"
     torch.manual_seed(args.seed)
-    model, processor = build_clip(build_tokenizer())
+    model, processor = build_clip(build_tokenizer(unnamed=True))  # a judge: it has words for everything
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.05)
     state, step = load_checkpoint(path), 0
     if state:
@@ -167,5 +191,5 @@ def train_clip(args) -> None:
     print(f"saved to {out}")
 
 
-__all__ = ["build_clip", "partial_caption", "zero_shot_accuracy", "train_clip", "CLIP_PATH", "ZERO_SHOT_PROMPTS",
+__all__ = ["build_clip", "partial_caption", "zero_shot_accuracy", "zero_shot_unnamed", "train_clip", "CLIP_PATH", "ZERO_SHOT_PROMPTS",
            "prompt_set_loss"]

@@ -3,11 +3,15 @@
     python -m toyworld.evaluate [--model assets/toy-sd] [--captions 200] [--steps 25] [--json report.json]
                                 [--grid generations.png]
 
-1. The attribute classifier's accuracy on held-out real images (World(1)), per attribute.
-2. Its accuracy on the model's VAE reconstructions of those images (does the latent space keep colour?).
+1. The attribute classifier's accuracy on held-out real images (World(1)), per attribute; and on images of
+   unnamed attributes (World(1) with half of each attribute unnamed), on the images whose value is unnamed.
+2. Its accuracy on the model's VAE reconstructions of those images (does the latent space keep colour?), named
+   and unnamed apart; and the mean absolute error of the example concepts' photos after a VAE round trip.
 3. Its agreement with the prompt on the model's generations for held-out captions (World(2) scenes, photos):
    the fraction of images that show the requested shape, colour, background, pattern and count.
-4. The toy CLIP's zero-shot accuracy at naming shape, colour and background of held-out real images.
+4. The prior over unnamed attributes: how often "a shape on a white background" gives each unnamed shape,
+   colour, pattern and a second colour (words cannot ask for them; the model must still draw them).
+5. The toy CLIP's zero-shot accuracy at naming shape, colour and background of held-out real images.
 """
 
 from __future__ import annotations
@@ -57,6 +61,48 @@ def generation_agreement(classifier, images: np.ndarray, scenes) -> dict[str, fl
             for name in ("shape", "colour", "background", "pattern", "count")}
 
 
+def unnamed_prior(pipe, classifier, count: int, steps: int, guidance: float, seed: int = 1000) -> dict:
+    """Shares of `count` images of "a shape on a white background" that the classifier reads as each unnamed
+    value (and as any unnamed value of each attribute)."""
+    from toyworld.world import UNNAMED_COLOURS, UNNAMED_PATTERNS, UNNAMED_SHAPES
+
+    predicted = classifier.predict(generate(pipe, ["a shape on a white background"] * count, steps, guidance, seed))
+    found = {"images": count}
+    for name, values in (("shape", UNNAMED_SHAPES), ("colour", UNNAMED_COLOURS), ("pattern", UNNAMED_PATTERNS)):
+        for value in values:
+            found[value] = float(np.mean([p == value for p in predicted[name]]))
+        found[f"any unnamed {name}"] = float(np.mean([p in values for p in predicted[name]]))
+    found["second colour"] = float(np.mean([p != "shade" for p in predicted["second"]]))
+    return found
+
+
+def example_round_trips(vae) -> dict[str, float]:
+    """Mean absolute error (in [-1, 1] units) of each example concept's photos after a VAE round trip."""
+    from toyworld.examples import EXAMPLES, example_scenes
+    from toyworld.world import render
+
+    errors = {}
+    for example in EXAMPLES:
+        images = np.stack([render(s) for s in example_scenes(example)])
+        errors[example.name] = float(np.abs(reconstruct(vae, images).astype(float) - images).mean() / 127.5)
+    return errors
+
+
+def save_round_trip_sheet(vae, path: Path) -> None:
+    """Each example's photos (odd rows) above their VAE reconstructions (even rows), 2x."""
+    from PIL import Image
+
+    from toyworld.examples import EXAMPLES, example_scenes
+    from toyworld.world import render
+
+    rows = []
+    for example in EXAMPLES:
+        images = np.stack([render(s) for s in example_scenes(example)])
+        rows += [np.concatenate(list(images), axis=1), np.concatenate(list(reconstruct(vae, images)), axis=1)]
+    sheet = np.concatenate(rows, axis=0)
+    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(path)
+
+
 def save_grid(images: np.ndarray, path: Path, columns: int = 10) -> None:
     """The first `columns` rows of images as one PNG, row-major."""
     from PIL import Image
@@ -67,19 +113,29 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 10) -> None:
 
 
 def evaluate(model: str | Path, captions: int = 200, steps: int = 25, guidance: float = 7.5, real: int = 1000,
-             seed: int = 0, grid: Path | None = None) -> dict:
+             seed: int = 0, grid: Path | None = None, prior: int = 128, classifier_path: Path | None = None,
+             round_trips: Path | None = None) -> dict:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPProcessor
 
-    from toyworld.classifier import accuracy, load_classifier
-    from toyworld.clip import CLIP_PATH, zero_shot_accuracy
+    from toyworld.classifier import accuracy, load_classifier, unnamed_accuracy
+    from toyworld.clip import CLIP_PATH, zero_shot_accuracy, zero_shot_unnamed
 
-    classifier = load_classifier()
+    classifier = load_classifier(classifier_path) if classifier_path else load_classifier()
     images, scenes = dataset(World(1), 0, real)
-    report: dict = {"classifier_real": accuracy(classifier, images, scenes)}
+    unnamed_images, unnamed_scenes = dataset(World(1, unnamed=0.5), 0, real)
+    report: dict = {"classifier_real": accuracy(classifier, images, scenes),
+                    "classifier_real_unnamed": unnamed_accuracy(classifier, unnamed_images, unnamed_scenes)}
     pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     report["classifier_vae_reconstructions"] = accuracy(classifier, reconstruct(pipe.vae, images), scenes)
+    report["classifier_vae_reconstructions_unnamed"] = unnamed_accuracy(
+        classifier, reconstruct(pipe.vae, unnamed_images), unnamed_scenes)
+    report["example_round_trip_error"] = example_round_trips(pipe.vae)
+    if round_trips:
+        save_round_trip_sheet(pipe.vae, round_trips)
+    if prior:
+        report["unnamed_prior"] = unnamed_prior(pipe, classifier, prior, steps, guidance)
     if captions:
         world = World(2, renderings=("photo",), rendering_weights=(1.0,))
         held_out = [world.scene(i) for i in range(captions)]
@@ -94,6 +150,7 @@ def evaluate(model: str | Path, captions: int = 200, steps: int = 25, guidance: 
     if (CLIP_PATH / "config.json").exists():
         clip, processor = CLIPModel.from_pretrained(CLIP_PATH).eval(), CLIPProcessor.from_pretrained(CLIP_PATH)
         report["clip_zero_shot"] = zero_shot_accuracy(clip, processor, images, scenes)
+        report["clip_zero_shot_unnamed"] = zero_shot_unnamed(clip, processor, unnamed_images, unnamed_scenes)
     training = Path(model) / "training.json"
     if training.exists():
         report["model"] = json.loads(training.read_text())
@@ -110,11 +167,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--grid", type=Path, help="save the first 100 generations here (PNG; captions in .txt)")
+    parser.add_argument("--prior", type=int, default=128,
+                        help="images of 'a shape on a white background' for the unnamed prior (0: skip)")
+    parser.add_argument("--classifier", type=Path, help="default: assets/toy-classifier")
+    parser.add_argument("--round-trips", type=Path, help="save the examples' VAE round trips here (PNG)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    report = evaluate(args.model, args.captions, args.steps, args.guidance, grid=args.grid)
+    report = evaluate(args.model, args.captions, args.steps, args.guidance, grid=args.grid, prior=args.prior,
+                      classifier_path=args.classifier, round_trips=args.round_trips)
     rounded = json.loads(json.dumps(report), parse_float=lambda x: round(float(x), 4))
     text = json.dumps(rounded, indent=1)
     print(text)

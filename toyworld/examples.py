@@ -1,8 +1,11 @@
-"""The three example concepts: things the toy model has never seen, five images each.
+"""The six example concepts: things the toy model can draw but no prompt can name, five images each.
 
-Each concept combines a shape and a pattern held out of the training world (a crescent, a heart, a hexagon;
-checks) with colours the captions never name or a second colour, so no prompt in the model's vocabulary draws
-it: it must be learned, as the NeTI paper's concepts are. Images vary in background, position and size. Each
+Each concept uses at least one unnamed attribute of the world (a crescent, a heart or a hexagon; checks; pink,
+teal or brown; a pattern in a second colour): the model's images include such things, its captions never say
+them, so no prompt in its vocabulary asks for the concept: it must be learned, as the NeTI paper's concepts are.
+Two are made for style mixing: `red-hexagon` is new in its geometry only (a plain hexagon in a named colour),
+`checkered-circle` in its appearance only (a named shape with pink and teal checks). Images vary in background,
+position and size. Each
 PNG carries its caption, "a {} on a <background> background", in a `caption` text chunk (`neti.data.read_caption`),
 so that training learns the thing and not its backgrounds, in the CLI and through the app's uploads alike.
 
@@ -32,7 +35,7 @@ class ExampleConcept:
     shape: str
     colour: str
     pattern: str
-    pattern_colour: str
+    pattern_colour: str | None  # None: a darker shade of `colour`
     backgrounds: tuple[str, ...]  # one per image
     super_category: str  # a single vocabulary word to initialise from and rescale to
     description: str
@@ -49,14 +52,23 @@ EXAMPLES = (
                    ("yellow", "blue", "white", "black", "orange"), "shape", "a pink heart with teal checks"),
     ExampleConcept("striped-hexagon", "hexagon", "brown", "striped", "white",
                    ("green", "red", "blue", "yellow", "purple"), "object", "a brown hexagon with white stripes"),
+    ExampleConcept("red-hexagon", "hexagon", "red", "plain", "red",
+                   ("white", "blue", "yellow", "green", "black"), "shape", "a plain red hexagon (new geometry only)"),
+    ExampleConcept("checkered-circle", "circle", "pink", "checkered", "teal",
+                   ("white", "yellow", "purple", "black", "orange"), "circle",
+                   "a pink circle with teal checks (new appearance only)"),
+    ExampleConcept("two-tone-star", "star", "yellow", "striped", "purple",
+                   ("white", "blue", "green", "red", "black"), "star", "a yellow star with purple stripes"),
 )
+GEOMETRY_EXAMPLE, APPEARANCE_EXAMPLE = "red-hexagon", "checkered-circle"  # the style-mixing pair
 
 
 def example_scenes(concept: ExampleConcept, seed: int = 0) -> list[Scene]:
     """Five scenes of the concept: one object each, sizes 12-20 px radius, random positions and phases."""
     rng = np.random.default_rng([seed, sum(map(ord, concept.name))])
+    second = None if concept.pattern == "plain" else concept.pattern_colour
     return [Scene(shape=concept.shape, colour=concept.colour, pattern=concept.pattern, background=background,
-                  rendering="photo", things=place_things(rng, 1, (12.0, 20.0)), pattern_colour=concept.pattern_colour,
+                  rendering="photo", things=place_things(rng, 1, (12.0, 20.0)), pattern_colour=second,
                   pattern_phase=float(rng.uniform(0, 1)))
             for background in concept.backgrounds]
 

@@ -28,9 +28,11 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOY_SD_PATH = ASSETS / "toy-sd"
 
 
-def build_tokenizer(shape: SDShape = TOY):
-    """The world's word-level `CLIPTokenizer` (written to a temporary folder; ship it with `save_pretrained`)."""
-    return build_clip_tokenizer(vocabulary(), tempfile.mkdtemp(prefix="toy-tokenizer-"), max_length=shape.max_tokens)
+def build_tokenizer(shape: SDShape = TOY, unnamed: bool = False):
+    """The world's word-level `CLIPTokenizer` (written to a temporary folder; ship it with `save_pretrained`).
+    The generator's has no word for an unnamed attribute; a judge's (`unnamed=True`) has."""
+    return build_clip_tokenizer(vocabulary(unnamed), tempfile.mkdtemp(prefix="toy-tokenizer-"),
+                                max_length=shape.max_tokens)
 
 
 def build_vae_toy(shape: SDShape = TOY):

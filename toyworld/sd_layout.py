@@ -12,7 +12,7 @@ from dataclasses import dataclass
 # SD 1.5's scheduler configuration (scaled-linear betas, epsilon prediction).
 SD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", skip_prk_steps=True,
+    set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", skip_prk_steps=True, clip_sample=False,
 )
 
 

@@ -162,17 +162,18 @@ def train_vae(args) -> None:
         vae.load_state_dict(state["vae"]), optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resuming the VAE at step {step}")
-    elif args.decoder_only:  # no checkpoint carried over: the exported VAE defines the latent space
+    elif args.decoder_only or args.pin:  # no checkpoint carried over: the exported VAE defines the latent space
         vae.load_state_dict(load_vae(args.checkpoints).state_dict())
         print("starting from the exported VAE (no vae.pt); a fresh optimiser")
     if args.decoder_only:  # the latent space (and so any UNet trained on it) stays fixed
         vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
         print("training the decoder only: the encoder is frozen")
-    world, progress = World(args.seed), Progress(args.save_minutes, args.minutes)
+    pinned = pinned_encoder(args) if args.pin else None
+    world, progress = World(args.seed, unnamed=args.unnamed), Progress(args.save_minutes, args.minutes)
 
     def save() -> None:
         save_atomic(dict(vae=vae.state_dict(), optimizer=optimizer.state_dict(), step=step, batch=args.batch,
-                         seed=args.seed), path)
+                         seed=args.seed, unnamed=args.unnamed, pin=args.pin), path)
 
     vae.train()
     peak = args.lr or 1e-3
@@ -181,17 +182,43 @@ def train_vae(args) -> None:
             span = max(1, args.steps - args.anneal_from)
             for group in optimizer.param_groups:
                 group["lr"] = peak * cosine(step - args.anneal_from, span)
-        x = images_tensor(world, range(step * args.batch, (step + 1) * args.batch))
+        indices = range(step * args.batch, (step + 1) * args.batch)
+        x = images_tensor(world, indices)
         with torch.set_grad_enabled(not args.decoder_only):
             posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=step_generator(args.seed, step))
         loss = vae_loss(vae.decode(z).sample, x, posterior.kl(), kl_weight=1e-6)
+        if pinned is not None:
+            loss = loss + args.pin * pin_loss(pinned, x, posterior.mean, [world.scene(i).named for i in indices])
         optimise(optimizer, loss, [p for p in vae.parameters() if p.requires_grad])
         step += 1
         progress.after_step(f"vae step {step} loss {loss.item():.4f}", save)
     progress.close()
     save()
     print(f"VAE at step {step}, saved to {path}")
+
+
+def pinned_encoder(args):
+    """The starting VAE, frozen, with its latent scaling factor: the latent space a widened VAE must keep."""
+    reference = load_vae(args.checkpoints).eval().requires_grad_(False)
+    from toyworld.model import TOY_SD_PATH
+
+    config = TOY_SD_PATH / "vae" / "config.json"
+    scaling = json.loads(config.read_text())["scaling_factor"] if config.exists() else 1.0
+    return reference, scaling
+
+
+def pin_loss(pinned, x: torch.Tensor, means: torch.Tensor, named: list[bool]) -> torch.Tensor:
+    """Mean squared distance, in units of the latents' standard deviation, between the new encoder's posterior
+    means of named images and the pinned encoder's, so that a UNet trained on the old latents stays valid while
+    the VAE learns the unnamed attributes (those images are not pinned: their old latents are the problem)."""
+    reference, scaling = pinned
+    keep = torch.tensor(named)
+    if not keep.any():
+        return means.sum() * 0
+    with torch.no_grad():
+        old = reference.encode(x[keep]).latent_dist.mean
+    return F.mse_loss(means[keep] * scaling, old * scaling)
 
 
 # ------------------------------------------------------------------------------------------ 2. latent cache
@@ -217,14 +244,15 @@ def load_vae(checkpoints: Path):
 def encode_latents(args) -> None:
     """Encode world images 0..count-1 with the frozen VAE (posterior means), and fix the latent scaling factor."""
     vae = load_vae(args.checkpoints).eval()
-    world, latents, start = World(args.seed), [], time.time()
+    world, latents, start = World(args.seed, unnamed=args.unnamed), [], time.time()
     for first in range(0, args.count, 256):
         indices = range(first, min(first + 256, args.count))
         latents.append(vae.encode(images_tensor(world, indices)).latent_dist.mean.half())
         print(f"encoded {first + len(indices)}/{args.count} ({time.time() - start:.0f} s)", flush=True)
     latents = torch.cat(latents)  # (N, 4, 16, 16)
     scaling_factor = float(1 / latents.float().std())
-    save_atomic(dict(latents=latents, scaling_factor=scaling_factor, seed=args.seed), args.checkpoints / "latents.pt")
+    save_atomic(dict(latents=latents, scaling_factor=scaling_factor, seed=args.seed, unnamed=args.unnamed),
+                args.checkpoints / "latents.pt")
     print(f"{len(latents)} latents, std {1 / scaling_factor:.3f}: scaling factor {scaling_factor:.4f}")
 
 
@@ -258,12 +286,45 @@ class CaptionedLatents:
         return self.latents[indices].float(), ids
 
 
-def clip_text_weights(folder: Path) -> dict:
-    """The text tower of a saved `CLIPModel` as a `CLIPTextModel` state dict (same sizes and vocabulary)."""
+def clip_text_weights(folder: Path, tokenizer) -> dict:
+    """The text tower of a saved `CLIPModel` as a `CLIPTextModel` state dict for `tokenizer`'s vocabulary (the
+    CLIP's may hold more words: the judges know the unnamed attributes, the generator does not)."""
     from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
 
     state = load_file(Path(folder) / "model.safetensors")
-    return {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")}
+    text = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")}
+    return moved_to_vocabulary(text, CLIPTokenizer.from_pretrained(str(folder)).get_vocab(), tokenizer)
+
+
+TOKEN_EMBEDDINGS = "embeddings.token_embedding.weight"  # in a CLIPTextModel state dict
+
+
+def moved_to_vocabulary(state: dict, old_vocab: dict[str, int], tokenizer) -> dict:
+    """A text-encoder state dict whose token embeddings are moved from `old_vocab`'s ids to `tokenizer`'s, by
+    token string (the new vocabulary may lack words the old one had, such as the unnamed attributes')."""
+    rows = state[TOKEN_EMBEDDINGS]
+    new_vocab = tokenizer.get_vocab()
+    moved = rows.new_zeros(len(new_vocab), rows.shape[1])
+    for token, i in new_vocab.items():
+        moved[i] = rows[old_vocab[token]]  # every token of the new vocabulary is in the old one
+    return {**state, TOKEN_EMBEDDINGS: moved}
+
+
+def exported_text_and_unet(tokenizer, text_encoder, unet) -> float:
+    """Load the exported UNet and text encoder (`assets/toy-sd`) into fresh modules, the text encoder's token
+    embeddings moved to `tokenizer`'s ids; returns the export's latent scaling factor, which a continued run
+    keeps."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from toyworld.model import TOY_SD_PATH
+
+    old_vocab = CLIPTokenizer.from_pretrained(TOY_SD_PATH / "tokenizer").get_vocab()
+    old = CLIPTextModel.from_pretrained(TOY_SD_PATH / "text_encoder").state_dict()
+    text_encoder.load_state_dict(moved_to_vocabulary(old, old_vocab, tokenizer))
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(TOY_SD_PATH / "unet").state_dict())
+    return json.loads((TOY_SD_PATH / "vae" / "config.json").read_text())["scaling_factor"]
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
@@ -296,14 +357,19 @@ def train_unet(args) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resuming the UNet at step {step} ({step * state['batch']} samples), noise offset {args.noise_offset}")
-    elif args.text_init:  # as Stable Diffusion starts from CLIP's text encoder, start from the toy CLIP's
-        text_encoder.load_state_dict(clip_text_weights(args.text_init))
+    scaling = state["scaling_factor"] if state else cache["scaling_factor"]
+    if not state and args.from_export:  # continue the exported model (a fresh optimiser) on new data
+        scaling = exported_text_and_unet(tokenizer, text_encoder, unet)
+        ema_text_encoder.load_state_dict(text_encoder.state_dict()), ema_unet.load_state_dict(unet.state_dict())
+        print(f"continuing the exported UNet and text encoder; latent scaling factor kept at {scaling:.4f}")
+    elif not state and args.text_init:  # as Stable Diffusion starts from CLIP's text encoder, start from the toy CLIP's
+        text_encoder.load_state_dict(clip_text_weights(args.text_init, tokenizer))
         ema_text_encoder.load_state_dict(text_encoder.state_dict())
         print(f"text encoder initialised from the CLIP text tower in {args.text_init}")
-    data = CaptionedLatents(cache["latents"], World(cache["seed"]), tokenizer, drop=CAPTION_DROPOUT, seed=args.seed,
-                            colour_drop=args.colour_dropout)
+    data = CaptionedLatents(cache["latents"], World(cache["seed"], unnamed=cache.get("unnamed", 0.0)), tokenizer,
+                            drop=CAPTION_DROPOUT, seed=args.seed, colour_drop=args.colour_dropout)
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
-    scaling, warmup = cache["scaling_factor"], 500
+    warmup = 500
     progress, start_step, losses = Progress(args.save_minutes, args.minutes), step, []
 
     def save() -> None:
@@ -408,6 +474,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=40000, help="latents stage: how many world images to encode")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae stage: freeze the encoder, so cached latents and the UNet stay valid")
+    parser.add_argument("--unnamed", type=float, default=0.0,
+                        help="vae/latents/unet/classifier/clip: the world's probability, per attribute, of an unnamed "
+                             "value (a heart, pink, checks, a second colour), drawn but never captioned")
+    parser.add_argument("--pin", type=float, default=0.0,
+                        help="vae stage: weight of a loss that keeps named images' latents where the starting VAE "
+                             "put them (start from the export), so the UNet can continue on the new VAE")
     parser.add_argument("--anneal-from", type=int,
                         help="vae stage: from this step on, the learning rate follows a cosine from --lr to 0 at --steps")
     parser.add_argument("--noise-offset", type=float, default=NOISE_OFFSET,
@@ -415,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--colour-dropout", type=float, default=0.0,
                         help="UNet stage: share of captions without the object's colour word, so that a prompt "
                              "like 'a <concept> on a red background' reads red as the background")
+    parser.add_argument("--from-export", action="store_true",
+                        help="unet stage, fresh start: continue the exported model (assets/toy-sd) instead of "
+                             "random weights; the latent scaling factor stays the export's")
     parser.add_argument("--ema", type=float, default=0.999, help="UNet stage: EMA decay of the exported weights")
     parser.add_argument("--out", type=Path, help="export/classifier/clip: output folder (assets/... otherwise)")
     parser.add_argument("--eval-count", type=int, default=2000, help="classifier/clip: held-out images to report on")

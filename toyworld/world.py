@@ -7,13 +7,16 @@ pixelated image). Captions use a small closed vocabulary ("two green striped rin
 rendering, the way the NeTI paper's prompts edit a learned concept.
 
 Everything is a pure function of `(seed, index)`: `World(seed).scene(i)` is the same scene on every machine.
-Shapes, patterns and colours outside the training lists (a crescent, a heart, checks, two-coloured objects)
-are drawable too; `toyworld.examples` uses them for concepts the base model has never seen.
+Some attributes are *unnamed*: crescents, hearts and hexagons, checks, pink, teal and brown objects and
+two-coloured objects (a pattern in a second palette colour). They appear in the images (each with probability
+`World.unnamed`) but no caption and no vocabulary word names them: their captions use the generic "shape" or
+"object" and leave out the colour or pattern word. The model can draw them, but only a learned concept can ask for
+one, which is the situation of a user's cat in Stable Diffusion. `World.unnamed = 0` gives the named world alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,8 +31,15 @@ BACKGROUNDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "b
 PATTERNS = ("plain", "striped", "dotted")
 COUNTS = (1, 2)
 RENDERINGS = ("photo", "sketch", "blurry", "pixelated")
-HELD_OUT_SHAPES = ("crescent", "heart", "hexagon")  # never in training images
-HELD_OUT_PATTERNS = ("checkered",)
+UNNAMED_SHAPES = ("crescent", "heart", "hexagon")  # drawn, never named: no caption or vocabulary word
+UNNAMED_COLOURS = ("pink", "teal", "brown")
+UNNAMED_PATTERNS = ("checkered",)
+HELD_OUT_SHAPES, HELD_OUT_PATTERNS = UNNAMED_SHAPES, UNNAMED_PATTERNS  # the names earlier versions used
+ALL_SHAPES = SHAPES + UNNAMED_SHAPES  # what the judges (classifier, toy CLIP) know
+ALL_COLOURS = COLOURS + UNNAMED_COLOURS
+ALL_PATTERNS = PATTERNS + UNNAMED_PATTERNS
+SECOND_COLOURS = ("shade",) + ALL_COLOURS + ("white", "black")  # a pattern's colour; "shade": the body's, darker
+UNNAMED_WORDS = frozenset((*UNNAMED_SHAPES, *UNNAMED_COLOURS, *UNNAMED_PATTERNS, "crescents", "hearts", "hexagons"))
 
 RGB = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -46,14 +56,15 @@ RENDERING_PREFIXES = {
 SUPER_CATEGORIES = ("shape", "object")  # generic words captions sometimes use instead of the shape's name
 
 
-def vocabulary() -> list[str]:
-    """Every word a caption can contain, plus the held-out and super-category words prompts may use."""
+def vocabulary(unnamed: bool = False) -> list[str]:
+    """Every word a caption can contain, plus the super-category words prompts may use. `unnamed=True` adds the
+    words for unnamed attributes, which only the judges' vocabulary (the toy CLIP's) has."""
     words = ["a", "an", "two", "of", "on", "background", "the", "with", "and", "in", "style"]
     for prefixes in RENDERING_PREFIXES.values():
         words += [w for p in prefixes for w in p.split()]
-    words += [*SHAPES, *HELD_OUT_SHAPES, *SUPER_CATEGORIES, *PLURALS.values(), "crescents", "hearts", "hexagons"]
-    words += [*COLOURS, *BACKGROUNDS, *RGB, *PATTERNS, *HELD_OUT_PATTERNS]
-    return list(dict.fromkeys(words))
+    words += [*SHAPES, *UNNAMED_SHAPES, *SUPER_CATEGORIES, *PLURALS.values(), "crescents", "hearts", "hexagons"]
+    words += [*COLOURS, *BACKGROUNDS, *RGB, *PATTERNS, *UNNAMED_PATTERNS]
+    return [w for w in dict.fromkeys(words) if unnamed or w not in UNNAMED_WORDS]
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,24 @@ class Scene:
     @property
     def count(self) -> int:
         return len(self.things)
+
+    @property
+    def second(self) -> str:
+        """The pattern's colour as a label: "shade" for plain objects and the default darker shade."""
+        return "shade" if self.pattern == "plain" or self.pattern_colour is None else self.pattern_colour
+
+    @property
+    def named_shape(self) -> bool:
+        return self.shape in SHAPES
+
+    @property
+    def named_appearance(self) -> bool:
+        """Whether words can say the object's colour and pattern (one named colour, a named pattern)."""
+        return self.colour in COLOURS and self.pattern in PATTERNS and self.second == "shade"
+
+    @property
+    def named(self) -> bool:
+        return self.named_shape and self.named_appearance
 
 
 def place_things(rng: np.random.Generator, count: int, radius_range: tuple[float, float] | None = None
@@ -110,6 +139,7 @@ class World:
     renderings: tuple[str, ...] = RENDERINGS
     rendering_weights: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
     two_probability: float = 0.3
+    unnamed: float = 0.0  # probability, per attribute (shape, colour, pattern, second colour), of an unnamed value
 
     def rng(self, index: int, stream: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, index, stream])
@@ -119,13 +149,38 @@ class World:
         colour = self.colours[rng.integers(len(self.colours))]
         backgrounds = [b for b in self.backgrounds if b != colour]
         count = 2 if rng.random() < self.two_probability else 1
-        return Scene(
+        scene = Scene(
             shape=self.shapes[rng.integers(len(self.shapes))], colour=colour,
             pattern=self.patterns[rng.integers(len(self.patterns))],
             background=backgrounds[rng.integers(len(backgrounds))],
             rendering=self.renderings[rng.choice(len(self.renderings), p=np.array(self.rendering_weights))],
             things=place_things(rng, count), pattern_phase=float(rng.uniform(0, 1)),
         )
+        return self.unname(scene, self.rng(index, 7)) if self.unnamed else scene
+
+    def unname(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        """Swap attributes for unnamed ones, each with probability `unnamed`, from a random stream of their own
+        (so the named draws, and a scene that keeps them all, are those of the named world)."""
+        draws = rng.random(4) < self.unnamed
+        picks = rng.random(4)
+
+        def pick(values, u):
+            return values[int(u * len(values))]
+
+        changes = {}
+        if draws[0]:
+            changes["shape"] = pick(UNNAMED_SHAPES, picks[0])
+        if draws[1]:
+            changes["colour"] = pick(UNNAMED_COLOURS, picks[1])
+        if draws[2]:
+            changes["pattern"] = pick(UNNAMED_PATTERNS, picks[2])
+        if draws[3]:  # two-coloured: the pattern in a second colour (a plain object gets one)
+            body = changes.get("colour", scene.colour)
+            if changes.get("pattern", scene.pattern) == "plain":
+                changes["pattern"] = pick(("striped", "dotted", "checkered"), rng.random())
+            seconds = [c for c in SECOND_COLOURS[1:] if c not in (body, scene.background)]
+            changes["pattern_colour"] = pick(seconds, picks[3])
+        return replace(scene, **changes) if changes else scene
 
     def image(self, index: int) -> np.ndarray:
         return render(self.scene(index))
@@ -140,15 +195,18 @@ class World:
 def caption(scene: Scene, rng: np.random.Generator | None = None, with_colour: bool = True) -> str:
     """The scene in words. With `rng`, a paraphrase: a synonym prefix for photos, sometimes the generic word
     "shape"/"object" for the shape's name, sometimes no pattern word or no background. `with_colour=False` leaves
-    out the object's colour ("a striped star on a blue background")."""
-    noun = scene.shape
-    pattern = "" if scene.pattern == "plain" else scene.pattern
+    out the object's colour ("a striped star on a blue background"). Unnamed attributes are never said: an
+    unnamed shape is "a shape" ("an object" in some paraphrases), an unnamed colour, pattern or a second colour
+    leaves out the colour or pattern word."""
+    noun = scene.shape if scene.named_shape else SUPER_CATEGORIES[0]
+    with_colour = with_colour and scene.colour in COLOURS and scene.second == "shade"
+    pattern = "" if scene.pattern == "plain" or scene.pattern not in PATTERNS else scene.pattern
     prefix = RENDERING_PREFIXES[scene.rendering][0]
     with_background = True
     if rng is not None:
         options = RENDERING_PREFIXES[scene.rendering]
         prefix = options[rng.integers(len(options))]
-        if rng.random() < 0.1:
+        if rng.random() < 0.1 or not scene.named_shape:
             noun = SUPER_CATEGORIES[rng.integers(len(SUPER_CATEGORIES))]
         if rng.random() < 0.1:
             pattern = ""
@@ -200,7 +258,7 @@ def shape_mask(shape: str, thing: Thing) -> np.ndarray:
         return (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
     if shape == "hexagon":
         return (abs(dy) <= 0.866) & (0.866 * abs(dx) + 0.5 * abs(dy) <= 0.866)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + HELD_OUT_SHAPES}")
+    raise ValueError(f"unknown shape {shape!r}; expected one of {ALL_SHAPES}")
 
 
 def pattern_mask(pattern: str, phase: float, thin: bool = False) -> np.ndarray:
@@ -214,7 +272,7 @@ def pattern_mask(pattern: str, phase: float, thin: bool = False) -> np.ndarray:
         return np.hypot(gx, gy) < (0.14 if thin else 0.25)
     if pattern == "checkered":
         return ((np.floor(_X / 5 + phase) + np.floor(_Y / 5 + phase)) % 2) == 1
-    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS + HELD_OUT_PATTERNS}")
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {ALL_PATTERNS}")
 
 
 def _outline(mask: np.ndarray, width: int = 3) -> np.ndarray:
@@ -260,25 +318,27 @@ def render(scene: Scene) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+# The judges' attributes, named and unnamed alike (the classifier's heads; `Scene` attributes of the same names).
+ATTRIBUTES: dict[str, tuple] = {"shape": ALL_SHAPES, "colour": ALL_COLOURS, "pattern": ALL_PATTERNS,
+                                "second": SECOND_COLOURS, "background": BACKGROUNDS, "count": COUNTS,
+                                "rendering": RENDERINGS}
+
+
 @dataclass(frozen=True)
 class Labels:
-    """Integer attribute labels of a scene, the classifier's targets (indices into the tuples above)."""
+    """Integer attribute labels of a scene, the classifier's targets (indices into `ATTRIBUTES`)."""
 
     shape: int
     colour: int
     pattern: int
+    second: int
     background: int
     count: int
     rendering: int
 
     @classmethod
     def of(cls, scene: Scene) -> "Labels":
-        return cls(SHAPES.index(scene.shape), COLOURS.index(scene.colour), PATTERNS.index(scene.pattern),
-                   BACKGROUNDS.index(scene.background), COUNTS.index(scene.count), RENDERINGS.index(scene.rendering))
-
-
-ATTRIBUTES: dict[str, tuple] = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS, "background": BACKGROUNDS,
-                                "count": COUNTS, "rendering": RENDERINGS}
+        return cls(**{name: values.index(getattr(scene, name)) for name, values in ATTRIBUTES.items()})
 
 
 def parse_caption(text: str) -> dict[str, str]:
@@ -309,4 +369,5 @@ def dataset(world: World, start: int, count: int) -> tuple[np.ndarray, list[Scen
 
 
 __all__ = ["World", "Scene", "Thing", "Labels", "render", "caption", "vocabulary", "parse_caption", "dataset",
-           "ATTRIBUTES", "SHAPES", "COLOURS", "BACKGROUNDS", "PATTERNS", "COUNTS", "RENDERINGS", "RGB", "SIZE"]
+           "ATTRIBUTES", "SHAPES", "COLOURS", "BACKGROUNDS", "PATTERNS", "COUNTS", "RENDERINGS", "RGB", "SIZE",
+           "UNNAMED_SHAPES", "UNNAMED_COLOURS", "UNNAMED_PATTERNS", "UNNAMED_WORDS", "SECOND_COLOURS"]
