@@ -4,9 +4,10 @@
     python benchmarks/paper_comparison.py --jobs 2 --out runs/comparison --seeds 8 --sampling-steps 25
 
 For each bundled example concept (`assets/examples/*`) it trains, with `python -m neti train` and the method
-defaults of ../shared/NETI.md: TI 500 steps, XTI 500 steps, NeTI with the bypass to 1000 steps (its checkpoints
-at 250 and 500 are the 250- and 500-step points: the schedule is constant and batches are a function of
-(seed, step), so a checkpoint equals a run stopped there) and NeTI without the bypass 500 steps. Then
+defaults of docs/method.md ("Training", "Baselines and ablations"): TI 500 steps, XTI 500 steps, NeTI with the
+bypass to 1000 steps (its checkpoints at 250 and 500 are the 250- and 500-step points: the schedule is constant
+and batches are a function of (seed, step), so a checkpoint equals a run stopped there) and NeTI without the
+bypass 500 steps. Then
 `python -m neti eval` renders the toy prompt set with every concept and seed, scores it with the bundled toy
 CLIP and renders the truncation sweep for NeTI 500; it writes results.json, results.csv and plot.png under
 OUT/eval. Finished concepts and rendered images are kept, so an interrupted run resumes where it stopped.

@@ -5,7 +5,8 @@ baselines' vectors) and JSON metadata: format version, method, token, super-cate
 layer names, base model, training steps and the full `MapperConfig`, from which the concept rebuilds itself.
 Loading never unpickles. Writes are atomic (temp file + rename). A truncated export keeps the first k hidden
 units, which nested dropout ordered by importance (App. B). Official NeTI checkpoints (torch pickles) are read
-with `torch.load(weights_only=True)` and a stand-in for their pickled encoder class.
+with `torch.load(weights_only=True)` and a stand-in for their pickled encoder class (their layout:
+docs/method.md "Official checkpoint format").
 """
 
 from __future__ import annotations

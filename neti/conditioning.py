@@ -4,7 +4,7 @@ For each row (prompt, t, l) the placeholder's input embedding is replaced by the
 CLIP text encoder runs on all rows at once (chunked only to bound memory), where the official code runs it once
 per (t, l) pair. The textual bypass (Sec. 3.3, as in the official code) adds alpha * v_pass / ||v_pass|| * ||h||
 to the encoder's last hidden state h at the placeholder, before the final LayerNorm: the plain sequence feeds
-cross-attention keys, the bypassed one the values.
+cross-attention keys, the bypassed one the values (docs/method.md "Text conditioning and the textual bypass").
 
 Placeholder tokens are never added to the tokenizer: a prompt is split around them, so a shared tokenizer and
 text encoder are never mutated and several concepts can share one prompt. A token matches only as a word of its

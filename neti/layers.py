@@ -3,6 +3,7 @@
 SD 1.x/2.x have 16 cross-attention layers. Their LDM names (IN01 ... MID ... OUT11, as in the official code and
 the paper's figures) are derived from the diffusers module paths; other layouts keep the diffusers path as name.
 `unet.attn_processors` lists the mid block last, so the order is rebuilt here: down blocks, mid block, up blocks.
+The layer table: docs/method.md "Base model and layers".
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 NeTI: positional encoding of (t, l) -> Linear onto the 160 anchor encodings (initialised with them, trainable as
 in the official code) -> two 128-wide Linear+LayerNorm+LeakyReLU layers -> nested dropout (Sec. 3.4) -> Linear to
 D (or 2D with the textual bypass, Sec. 3.3). The whole output is rescaled to the super-category token's norm
-before it is split into (v_base, v_pass), as the official code does.
+before it is split into (v_base, v_pass), as the official code does (docs/method.md "Output rescaling").
 
 XTI / P+ (Voynov et al.) keeps one vector per layer and Textual Inversion one vector; both share the mapper's
 call signature so that every method trains, saves and generates through the same code.

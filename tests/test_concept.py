@@ -1,5 +1,5 @@
 """Specification of neti.concept: concept files, the truncated export, official-checkpoint import and the plain
-textual-inversion export (NETI.md "Mapper", "Official checkpoint format"; paper Sec. 3, App. B).
+textual-inversion export (docs/method.md "The mapper", "Official checkpoint format"; paper Sec. 3, App. B).
 
 The official fixture is built here from the format description alone: a stand-in `models.positional_encoding`
 module exists only while the checkpoint is pickled, so no official code is importable when it is read back.
@@ -188,7 +188,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 # ---- official checkpoint import ------------------------------------------------------------------------------
 
 class OfficialEncoder(nn.Module):
-    """The official NeTIPositionalEncoding as NETI.md describes it: `w` is a plain attribute, not a buffer."""
+    """The official NeTIPositionalEncoding as docs/method.md describes it: `w` is a plain attribute, not a buffer."""
 
     def __init__(self, sigma_t=0.03, sigma_l=2.0, num_w=1024):
         super().__init__()
@@ -201,7 +201,7 @@ class OfficialEncoder(nn.Module):
 
 
 class ReferenceMapper(nn.Module):
-    """The official mapper's layer structure and forward, rewritten from NETI.md."""
+    """The official mapper's layer structure and forward, rewritten from docs/method.md."""
 
     def __init__(self, encoder, token_dim, num_layers, target_norm, anchors=10):
         super().__init__()

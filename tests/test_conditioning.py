@@ -1,5 +1,5 @@
-"""Specification of neti.conditioning: batched P* text encodings and the textual bypass (NETI.md "Text conditioning
-and the textual bypass"; paper Sec. 3.1-3.3).
+"""Specification of neti.conditioning: batched P* text encodings and the textual bypass (docs/method.md "Text
+conditioning and the textual bypass"; paper Sec. 3.1-3.3).
 
 The tiny text encoder (D = 32, 2 layers) stands in for CLIP ViT-L/14; the UNet has SD's 16 cross-attention layers.
 """

@@ -1,5 +1,6 @@
 """Specification of neti.generate and neti.images: generation with P* concepts on diffusers' own pipeline
-(NETI.md "Text conditioning", "Analyses and controls"; paper Sec. 3.3-3.4, Fig. 11, 12, 20).
+(docs/method.md "Text conditioning and the textual bypass", "Truncation sweeps, decomposition and style mixing";
+paper Sec. 3.3-3.4, Fig. 11, 12, 20).
 
 Every image here comes from the tiny SD-shaped model (32 px, 16 cross-attention layers) in 2 denoising steps
 with guidance 7.5. The tiny model's scheduler config has 'leading' timestep spacing, so DPM-Solver's 2 steps visit

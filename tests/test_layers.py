@@ -1,5 +1,6 @@
 """Specification of neti.layers and neti.attention: the UNet's cross-attention layers in forward order with SD's
-names (NETI.md "Base model" table), and the per-layer key/value cross-attention processor (paper Sec. 3.1, 3.3).
+names (docs/method.md "Base model and layers"), and the per-layer key/value cross-attention processor (paper
+Sec. 3.1, 3.3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Specification of the NeTI mapper M(t, l) (NETI.md "Mapper", "Nested dropout"; paper Sec. 3.2-3.4, App. A-B).
+"""Specification of the NeTI mapper M(t, l) (docs/method.md "The mapper", "Nested dropout"; paper Sec. 3.2-3.4,
+App. A-B).
 
 Numbers are those of the paper and the official code: D = 768 and L = 16 give 464,544 trainable parameters
 without the textual bypass and 563,616 with it; the anchors are t = 0, 100, ..., 900 times every layer.
