@@ -17,8 +17,9 @@ import pandas as pd
 
 from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, MIX_STRIP_STARTS, SCHEDULERS, \
     Sampling
-from neti.studio import DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, \
-    SHIPPED_CONCEPTS_DIR, Studio, TrainingBusyError, check_uploads, example, example_names
+from neti.paths import DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
+from neti.studio import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, Studio, TrainingBusyError, check_uploads, example, \
+    example_names
 from neti.concept import one_line
 from neti.train import TrainConfig
 

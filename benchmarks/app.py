@@ -1,6 +1,6 @@
 """The app as a user meets it: start-up time of `python app.py` and 100 training steps through its HTTP API.
 
-    python benchmarks/app.py [--steps 100] [--preview-every 25] [--json out.json]
+    python -m benchmarks.app [--steps 100] [--preview-every 25] [--json out.json]
 
 Starts `python app.py` on the bundled model (a temporary, empty concepts folder; the shipped concepts listed as
 usual) on a free port, measures the time until the page is served, then starts a NeTI training on four images
@@ -18,13 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-sys.path.insert(0, str(REPO_ROOT))
-
-from app_server import AppServer  # noqa: E402
-
-from neti.models import BUNDLED_MODEL  # noqa: E402
+from neti.paths import BUNDLED_MODEL, EXAMPLES_DIR
+from neti.testing import AppServer
 
 
 def main(argv=None) -> int:
@@ -36,7 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from gradio_client import Client, handle_file
 
-    example = REPO_ROOT / "assets" / "examples" / args.example
+    example = EXAMPLES_DIR / args.example
     meta = json.loads((example / "concept.json").read_text())
     with tempfile.TemporaryDirectory(prefix="neti-app-bench-") as tmp:
         server = AppServer(BUNDLED_MODEL, Path(tmp) / "concepts", Path(tmp) / "app.log")

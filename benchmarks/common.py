@@ -11,7 +11,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -20,11 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: `python benchmarks/run.py`
-    sys.path.insert(0, str(REPO_ROOT))
-
-from neti.conditioning import Encoding, TextConditioner, TokenizedPrompt  # noqa: E402
+from neti.conditioning import Encoding, TextConditioner, TokenizedPrompt
+from neti.paths import REPO_ROOT
 
 
 # ---- models --------------------------------------------------------------------------------------------------

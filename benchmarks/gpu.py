@@ -1,7 +1,7 @@
 """GPU benchmark on a full-size SD-1.5-shaped pipeline with random weights (nothing is downloaded).
 
-    python benchmarks/gpu.py            # one command, ~5-8 minutes on an H100 / H200
-    python benchmarks/gpu.py --smoke    # a tiny shape on the CPU, to check the script itself
+    python -m benchmarks.gpu            # one command, ~5-8 minutes on an H100 / H200
+    python -m benchmarks.gpu --smoke    # a tiny shape on the CPU, to check the script itself
 
 Measures, for NeTI (all layers' conditioning in one batched text-encoder pass) and for the official per-layer
 conditioning loop (NeTI Sec. 4; `TrainConfig(per_layer_conditioning=True)` in training, one text-encoder call per
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO_ROOT, choose_threads, environment, make_concept, median,  # noqa: E402
-                    official_loop_encoding, side_by_side)
+from neti.paths import REPO_ROOT
+
+from .common import choose_threads, environment, make_concept, median, official_loop_encoding, side_by_side
 
 PROMPT = "a photo of a {}"
 

@@ -1,7 +1,7 @@
 """The NeTI paper's comparison (Sec. 5, Table 3, Fig. 9) reproduced on the bundled toy model.
 
-    python benchmarks/paper_comparison.py                # train what is missing, then evaluate (resumable)
-    python benchmarks/paper_comparison.py --jobs 2 --out runs/comparison --seeds 8 --sampling-steps 25
+    python -m benchmarks.paper_comparison                # train what is missing, then evaluate (resumable)
+    python -m benchmarks.paper_comparison --jobs 2 --out runs/comparison --seeds 8 --sampling-steps 25
 
 For each bundled example concept (`assets/examples/*`) it trains, with `python -m neti train` and the method
 defaults of docs/method.md ("Training", "Baselines and ablations"): TI 500 steps, XTI 500 steps, NeTI with the
@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "assets" / "examples"
+from neti.paths import BUNDLED_CLIP, EXAMPLES_DIR as EXAMPLES, REPO_ROOT as REPO
+
 SWEEP = (4, 8, 16, 32)
 
 
@@ -71,7 +71,7 @@ def train(run: Run, out: Path, threads: int) -> float:
 
 
 def eval_command(out: Path, examples: list[str], args) -> list[str]:
-    cmd = [sys.executable, "-m", "neti", "eval", "--clip", str(REPO / "assets" / "toy-clip"), "--prompts", "toy",
+    cmd = [sys.executable, "-m", "neti", "eval", "--clip", str(BUNDLED_CLIP), "--prompts", "toy",
            "--seeds", str(args.seeds), "--steps", str(args.sampling_steps), "--out", str(out / "eval"),
            "--sweep", *map(str, SWEEP)]
     for example in examples:

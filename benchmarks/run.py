@@ -1,8 +1,8 @@
 """NeTI Studio benchmarks: speed and memory against the approaches the library replaces, side by side.
 
-    python benchmarks/run.py --quick          # < 2 minutes on a 2-core CPU
-    python benchmarks/run.py                  # more repeats, paper settings (50 steps, accumulation 4)
-    python benchmarks/run.py --model assets/toy-sd --device cuda --json out.json
+    python -m benchmarks.run --quick          # < 2 minutes on a 2-core CPU
+    python -m benchmarks.run                  # more repeats, paper settings (50 steps, accumulation 4)
+    python -m benchmarks.run --model assets/toy-sd --device cuda --json out.json
 
 Every comparison is measured in the same run, interleaved (a, b, a, b, ...) after a warm-up, and reported as
 the median's ratio, so a busy machine slows all contenders alike. Rows (see benchmarks/README.md):
@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO_ROOT, PeakMemory, build_model, choose_threads, environment, make_concept, mb,  # noqa: E402
-                    median, official_loop_encoding, shapes, side_by_side)
+from neti.paths import REPO_ROOT
+
+from .common import (PeakMemory, build_model, choose_threads, environment, make_concept, mb, median,
+                     official_loop_encoding, shapes, side_by_side)
 
 PROMPT = "a photo of a {}"
 SWEEP = (2, 8, 32, None)

@@ -14,7 +14,8 @@ from .config import MapperConfig
 from .data import ImageInputError, load_images
 from .generate import Generator, Result, Sampling
 from .mapper import NetiMapper, VectorTable, count_parameters
-from .models import BUNDLED_MODEL, load_pipeline
+from .models import load_pipeline
+from .paths import BUNDLED_MODEL
 from .train import CheckpointInfo, PreviewInfo, StepInfo, TrainConfig, Trainer, TrainingCallback, TrainResult
 
 __all__ = [

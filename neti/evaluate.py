@@ -38,11 +38,11 @@ from .conditioning import PLACEHOLDER
 from .config import DEFAULT_BYPASS_ALPHA
 from .generate import Generator, Row, Sampling, check_seeds
 from .images import save_png
-from .models import REPO_ROOT, weights_fingerprint
+from .models import weights_fingerprint
+from .paths import BUNDLED_CLIP
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_CLIP = REPO_ROOT / "assets" / "toy-clip"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the original protocol's judge
 
 # NeTI paper Table 2 (Textual Inversion's prompts), {} marks the concept.

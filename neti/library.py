@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .concept import Concept, file_info
-from .models import REPO_ROOT
+from .paths import DEFAULT_CONCEPTS_DIR, SHIPPED_CONCEPTS_DIR
 
 logger = logging.getLogger(__name__)
 
 CONCEPT_SUFFIX = ".safetensors"
-DEFAULT_CONCEPTS_DIR = REPO_ROOT / "concepts"
-SHIPPED_CONCEPTS_DIR = REPO_ROOT / "assets" / "concepts"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,79}$")
 
 

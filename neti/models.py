@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from .paths import BUNDLED_MODEL, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = REPO_ROOT / "assets" / "toy-sd"
+logger = logging.getLogger(__name__)
 
 
 def default_model() -> str:

@@ -31,13 +31,13 @@ from .data import ImageInputError, LoadedImage, read_caption, read_image
 from .generate import Generator, Result, Sampling
 from .images import save_png
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
-from .library import DEFAULT_CONCEPTS_DIR, SHIPPED_CONCEPTS_DIR, ConceptLibrary, check_name, name_from_token
-from .models import BUNDLED_MODEL, REPO_ROOT, default_model, load_pipeline, model_label
+from .library import ConceptLibrary, check_name, name_from_token
+from .models import default_model, load_pipeline, model_label
+from .paths import BUNDLED_MODEL, DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
 from .train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
 MAX_UPLOAD_FILES = 20  # NeTI uses 3-10 images
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny SD-1.x-shaped pipeline (random weights, 16 cross-attention layers) saved with
-`save_pretrained` and loaded back through `neti.models.load_pipeline`, the loader real models use."""
+`save_pretrained` and loaded back through `neti.models.load_pipeline`, the loader real models use; an official
+NeTI checkpoint. Plain helper functions are in helpers.py."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import os
 
 import pytest
 import torch
+from helpers import WORDS, write_official_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models are overhead-bound; more threads only thrash on 2 shared cores
-
-WORDS = ["a", "photo", "of", "the", "cat", "dog", "teapot", "object", "on", "beach", "red", "blue", "painting",
-         "in", "style", "rendering", "sketch", "two", "and", "with"]
 
 
 @pytest.fixture(scope="session")
@@ -41,23 +40,11 @@ def generator(tiny_pipe, tiny_model_dir):
     return Generator(tiny_pipe, str(tiny_model_dir))
 
 
-def make_concept(pipe, token="<thing>", super_category="cat", method="neti", seed=1, **config):
-    """A concept for `pipe` with its own random (seeded) weights, so it visibly changes the output."""
-    from neti.concept import Concept
-    from neti.conditioning import super_category_id
-    from neti.config import MapperConfig
-    from neti.layers import cross_attention_layers
-
-    layers = cross_attention_layers(pipe.unet)
-    emb = pipe.text_encoder.get_input_embeddings().weight[super_category_id(pipe.tokenizer, super_category)]
-    cfg = MapperConfig(method=method, token_dim=pipe.text_encoder.config.hidden_size, num_layers=len(layers),
-                       target_norm=float(emb.detach().norm()), seed=seed, **config)
-    concept = Concept(token, super_category, cfg, [x.name for x in layers], "tiny")
-    if method != "neti":
-        concept.mapper.initialize(emb.detach())
-        with torch.no_grad():
-            concept.mapper.vectors.add_(torch.randn_like(concept.mapper.vectors, generator=torch.Generator().manual_seed(seed)) * emb.norm() / 4)
-    return concept.eval()
+@pytest.fixture()
+def official_checkpoint(tmp_path):
+    """(mapper-steps-500.pt, learned_embeds-steps-500.bin, the reference mapper), pickled as the official code does
+    (SD 1.x sizes: D = 768, 16 layers)."""
+    return write_official_checkpoint(tmp_path)
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app_server import REPO, AppServer, build_tiny_model
-from test_concept import official_checkpoint  # noqa: F401  (fixture: an official NeTI checkpoint)
+from app_server import build_tiny_model
+from helpers import wait_for
+from neti.paths import EXAMPLES_DIR
+from neti.testing import AppServer
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-EXAMPLE = REPO / "assets" / "examples" / "dotted-crescent"
+EXAMPLE = EXAMPLES_DIR / "dotted-crescent"
 
 
 def tiny_concept(token: str, seed: int):
@@ -151,21 +153,15 @@ def test_training_runs_in_the_background_refuses_a_second_job_and_saves_on_stop(
     msg = error_of(app, "/train_start", images, "other", "<other>", "shape", "NeTI", 5, None, True, True,
                    "a photo of a {}", 0, 0)
     assert "already running" in msg and "'trained'" in msg and "/500" in msg
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        status = call(app, "/train_status")
-        if status["step"] >= 6 and 5 in status["preview_steps"]:
-            break
-        time.sleep(0.5)
+    status = wait_for(lambda: call(app, "/train_status"),  # the event: step 6 and the step-5 preview (or an end)
+                      lambda s: s["status"] != "running" or (s["step"] >= 6 and 5 in s["preview_steps"]))
     assert status["status"] == "running" and status["preview_steps"][:2] == [0, 5]
     assert len(status["smoothed"]) == len(status["losses"]) >= 6 and status["eta_seconds"] > 0
     assert "switch the base model" in error_of(app, "/load_model", "/tmp")
     during, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", 129, 0.2)
     assert len(during) == 1  # generation runs while the training does
     call(app, "/train_stop")
-    deadline = time.time() + 60
-    while call(app, "/train_status")["status"] != "stopped" and time.time() < deadline:
-        time.sleep(0.5)
+    wait_for(lambda: call(app, "/train_status")["status"], lambda s: s not in ("running", "stopping"))  # the job ends
     status = call(app, "/train_status")
     assert status["status"] == "stopped" and 6 <= status["step"] < 500
     card = call(app, "/concept_card", "trained")
@@ -184,7 +180,7 @@ def test_rename_delete_and_shipped_concepts_are_read_only(app):
     assert "beta-2" not in [c[1] for c in out[4]["choices"]] and "shipped-one" in [c[1] for c in out[4]["choices"]]
 
 
-def test_import_official_checkpoint_then_export_as_textual_inversion(app, official_checkpoint):  # noqa: F811
+def test_import_official_checkpoint_then_export_as_textual_inversion(app, official_checkpoint):
     from safetensors.torch import load_file
 
     mapper, embeds, _ = official_checkpoint

@@ -2,8 +2,8 @@
 
 Uploads four of a bundled example's images through the file input, trains about 20 steps, watches loss points
 and a preview appear, stops, generates the concept at truncation 8 and at full truncation (the images must
-differ), runs a style-mix strip and a decomposition, and saves a screenshot of each tab to
-artifacts/screenshots/. Bad uploads (a text file named .png, an empty file, too many files) must each show
+differ), runs a style-mix strip and a decomposition, and saves a screenshot of each tab in a temporary
+folder. Bad uploads (a text file named .png, an empty file, too many files) must each show
 their message in the page. Runs on the bundled toy model when it is there, else on a tiny random model
 ($NETI_BROWSER_MODEL overrides).
 """
@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from app_server import REPO, AppServer, build_tiny_model
+from app_server import build_tiny_model
+from helpers import HUNG_AFTER_S, wait_for
+from neti.paths import BUNDLED_MODEL, EXAMPLES_DIR, REPO_ROOT
+from neti.testing import AppServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-EXAMPLE = REPO / "assets" / "examples" / "dotted-crescent"
-BUNDLED = REPO / "assets" / "toy-sd"
-SHOTS = REPO / "artifacts" / "screenshots"
+EXAMPLE = EXAMPLES_DIR / "dotted-crescent"
 TRAIN_STEPS = 20
 
 pytestmark = [
@@ -51,13 +52,19 @@ def server(tmp_path_factory):
     if os.environ.get("NETI_BROWSER_MODEL"):  # e.g. a toy-shaped folder, to time the test on another model
         model = Path(os.environ["NETI_BROWSER_MODEL"])
     else:
-        model = BUNDLED if (BUNDLED / "model_index.json").is_file() else build_tiny_model(root)
+        model = BUNDLED_MODEL if (BUNDLED_MODEL / "model_index.json").is_file() else build_tiny_model(root)
     shipped = root / "shipped"
     shipped.mkdir()
     random_concept(model, "<other>").save(shipped / "other.safetensors")
     server = AppServer(model, root / "concepts", root / "app.log", extra_args=["--shipped-concepts-dir", str(shipped)])
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where the screenshots go: a temporary folder, never the source tree."""
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def page(server):
         page.goto(server.url)
         page.wait_for_selector("#model-status :text('Base model')")
         status = page.inner_text("#model-status")
-        assert "assets/toy-sd (64x64 px" in status and str(REPO) not in status, status  # the repository-relative label
+        assert "assets/toy-sd (64x64 px" in status and str(REPO_ROOT) not in status, status  # the repository-relative label
         yield page
         browser.close()
 
@@ -79,9 +86,8 @@ def tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+def shot(page, folder: Path, name: str) -> None:
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
 def upload(page, files) -> str:
@@ -112,12 +118,8 @@ def gallery_image(page, selector: str, previous: bytes | None = None, count: int
     """The images of a gallery once it shows `count` of them (and, if given, something other than `previous`)."""
     images = page.locator(f"{selector} img")
     page.wait_for_function(f"document.querySelectorAll('{selector} img').length >= {count}")
-    for _ in range(240):
-        data = [page.request.get(images.nth(i).get_attribute("src")).body() for i in range(count)]
-        if previous is None or data[0] != previous:
-            return data
-        page.wait_for_timeout(500)
-    raise AssertionError(f"{selector} did not change")
+    return wait_for(lambda: [page.request.get(images.nth(i).get_attribute("src")).body() for i in range(count)],
+                    lambda data: previous is None or data[0] != previous, interval=0.5)
 
 
 def pixels(png: bytes):
@@ -143,7 +145,7 @@ def test_bad_uploads_each_show_their_message(page, tmp_path):
     clear_uploads(page)
 
 
-def test_train_watch_stop_generate_mix_and_explore(page):
+def test_train_watch_stop_generate_mix_and_explore(page, shots):
     # ---- Train: four photos through the file input, ~20 steps, live loss and previews, stop
     text = upload(page, [EXAMPLE / f"{i}.png" for i in range(4)])
     assert "4 image(s) ready" in text
@@ -156,20 +158,22 @@ def test_train_watch_stop_generate_mix_and_explore(page):
     page.get_by_label("Preview prompts (one per line, {} is the concept)").fill("a photo of a {}")
     page.locator("#train-start").click()
     page.wait_for_selector("#train-message :text('Started training crescent')")
-    page.wait_for_function("""() => { const m = document.querySelector('#train-status').innerText.match(/step (\\d+)\\//);
-                              return m && +m[1] >= %d; }""" % TRAIN_STEPS, timeout=180_000)
+    page.wait_for_function("""() => { const s = document.querySelector('#train-status').innerText;
+                                      const m = s.match(/step (\\d+)\\//);
+                                      return (m && +m[1] >= %d) || /: (stopped|finished|failed),/.test(s); }""" % TRAIN_STEPS,
+                           timeout=HUNG_AFTER_S * 1000)  # the event: step 20 (or the run's end, caught below)
     assert page.locator("#train-previews img").count() >= 1  # the step-0 preview at least
     assert page.locator("#loss-plot canvas, #loss-plot svg path, #loss-plot svg .mark-symbol").count() >= 1
     status = page.locator("#train-status").inner_text()
     assert re.search(r"loss \d\.\d+ \(smoothed \d\.\d+\)", status) and "s/step" in status and "left" in status
-    shot(page, "train-running")
+    shot(page, shots, "train-running")
     page.reload()  # the job runs on the server: a reloaded page reconnects to it
     page.wait_for_selector("#train-status :text('crescent')")
     assert "running" in page.locator("#train-status").inner_text()
     page.locator("#train-stop").click()
-    page.wait_for_selector("#train-status :text('stopped')", timeout=120_000)
+    page.wait_for_selector("#train-status :text('stopped')", timeout=HUNG_AFTER_S * 1000)
     assert "Saved as concept 'crescent'" in page.locator("#train-status").inner_text()
-    shot(page, "train")
+    shot(page, shots, "train")
 
     # ---- Generate: the new concept is selected without a reload; truncation 8 vs full differ
     tab(page, "Generate")
@@ -184,7 +188,7 @@ def test_train_watch_stop_generate_mix_and_explore(page):
     full = gallery_image(page, "#gen-gallery", previous=truncated)[0]
     assert abs(pixels(truncated) - pixels(full)).mean() > 0.5
     assert "seed 0" in page.locator("#gen-gallery").inner_text()
-    shot(page, "generate")
+    shot(page, shots, "generate")
 
     # ---- Style Mix: the strip of starts 600, 700, 800, 900
     tab(page, "Style Mix")
@@ -193,7 +197,7 @@ def test_train_watch_stop_generate_mix_and_explore(page):
     page.locator("#strip-button").click()
     assert len(gallery_image(page, "#mix-gallery", count=4)) == 4
     assert "start t=900" in page.locator("#mix-gallery").inner_text()
-    shot(page, "style-mix")
+    shot(page, shots, "style-mix")
 
     # ---- Explore: concept card and the per-timestep decomposition
     tab(page, "Explore")
@@ -202,7 +206,7 @@ def test_train_watch_stop_generate_mix_and_explore(page):
     set_number(page, "#decompose-steps", 10)
     page.locator("#decompose-button").click()
     assert len(gallery_image(page, "#decompose-gallery", count=6)) == 6
-    shot(page, "explore")
+    shot(page, shots, "explore")
 
 
 def test_a_message_naming_a_token_is_shown_whole_in_the_toast(page):

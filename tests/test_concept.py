@@ -1,8 +1,9 @@
 """Specification of neti.concept: concept files, the truncated export, official-checkpoint import and the plain
 textual-inversion export (docs/method.md "The mapper", "Official checkpoint format"; paper Sec. 3, App. B).
 
-The official fixture is built here from the format description alone: a stand-in `models.positional_encoding`
-module exists only while the checkpoint is pickled, so no official code is importable when it is read back.
+The official fixture (conftest.py, helpers.write_official_checkpoint) is built from the format description
+alone: a stand-in `models.positional_encoding` module exists only while the checkpoint is pickled, so no official
+code is importable when it is read back.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
-import types
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import make_concept
+from helpers import make_concept
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from neti.concept import Concept, default_inference_timesteps, export_textual_inversion, file_info, import_official
 from neti.config import MapperConfig
@@ -186,80 +183,6 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 
 
 # ---- official checkpoint import ------------------------------------------------------------------------------
-
-class OfficialEncoder(nn.Module):
-    """The official NeTIPositionalEncoding as docs/method.md describes it: `w` is a plain attribute, not a buffer."""
-
-    def __init__(self, sigma_t=0.03, sigma_l=2.0, num_w=1024):
-        super().__init__()
-        self.w = torch.randn(num_w, 2) * torch.tensor([sigma_t, sigma_l])
-
-    def encode(self, t, l):
-        x = torch.stack([t, l], dim=1)  # (N, 2)
-        v = torch.cat([torch.sin(self.w @ x.T), torch.cos(self.w @ x.T)])  # (2F, N)
-        return (v / v.norm(dim=0)).T
-
-
-class ReferenceMapper(nn.Module):
-    """The official mapper's layer structure and forward, rewritten from docs/method.md."""
-
-    def __init__(self, encoder, token_dim, num_layers, target_norm, anchors=10):
-        super().__init__()
-        self.encoder, self.target_norm = encoder, target_norm
-        t = torch.arange(anchors, dtype=torch.float32).repeat_interleave(num_layers) * 100  # t-major
-        l = torch.arange(num_layers, dtype=torch.float32).repeat(anchors)
-        self.input_layer = nn.Linear(2048, anchors * num_layers)
-        with torch.no_grad():
-            self.input_layer.weight.copy_(encoder.encode(t, l))
-        self.net = nn.Sequential(self.input_layer, nn.Linear(anchors * num_layers, 128), nn.LayerNorm(128),
-                                 nn.LeakyReLU(), nn.Linear(128, 128), nn.LayerNorm(128), nn.LeakyReLU())
-        self.output_layer = nn.Sequential(nn.Linear(128, 2 * token_dim))
-
-    def forward(self, t, l, truncation=None):
-        h = self.net(self.encoder.encode(t, l))
-        if truncation is not None:
-            h = h.clone()
-            h[:, truncation:] = 0
-        return F.normalize(self.output_layer(h), dim=-1) * self.target_norm
-
-
-@pytest.fixture()
-def official_checkpoint(tmp_path):
-    """(mapper-steps-500.pt, learned_embeds-steps-500.bin, the reference mapper), pickled as the official code does."""
-    fake = types.ModuleType("models.positional_encoding")
-    OfficialEncoder.__module__, OfficialEncoder.__qualname__ = "models.positional_encoding", "NeTIPositionalEncoding"
-    fake.NeTIPositionalEncoding = OfficialEncoder
-    saved = {name: sys.modules.get(name) for name in ("models", "models.positional_encoding")}
-    sys.modules["models"] = types.ModuleType("models")
-    sys.modules["models.positional_encoding"] = fake
-    try:
-        torch.manual_seed(0)
-        encoder = OfficialEncoder()
-        ref = ReferenceMapper(encoder, D, L, target_norm=0.3836).eval()
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.add_(torch.randn_like(p) * 0.02)  # trained weights
-        state = ref.state_dict()
-        assert "input_layer.weight" in state and "net.0.weight" in state and "output_layer.0.weight" in state
-        cfg = {"model": {"target_norm": 0.3836, "use_nested_dropout": True, "nested_dropout_prob": 0.5,
-                         "use_positional_encoding": True, "num_pe_time_anchors": 10,
-                         "pe_sigmas": {"sigma_t": 0.03, "sigma_l": 2.0}, "output_bypass": True,
-                         "pretrained_model_name_or_path": "CompVis/stable-diffusion-v1-4"},
-               "data": {"placeholder_token": "<x>", "super_category_token": "cat"}}
-        mapper_path = tmp_path / "mapper-steps-500.pt"
-        torch.save({"state_dict": state, "cfg": cfg, "encoder": encoder}, mapper_path)
-    finally:
-        OfficialEncoder.__module__, OfficialEncoder.__qualname__ = __name__, "OfficialEncoder"
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    assert "models.positional_encoding" not in sys.modules  # nothing official is importable while loading
-    embeds_path = tmp_path / "learned_embeds-steps-500.bin"
-    torch.save({"<x>": torch.randn(D)}, embeds_path)
-    return mapper_path, embeds_path, ref
-
 
 def test_official_checkpoint_import_reproduces_the_official_mapper(official_checkpoint):
     mapper_path, embeds_path, ref = official_checkpoint

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_concept
+from helpers import make_concept
 
 from neti.conditioning import (
     TextConditioner,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import WORDS, make_concept
+from helpers import WORDS, make_concept
 from neti import evaluate as ev
 from neti.generate import Generator, Sampling
 from neti.models import weights_fingerprint
@@ -171,7 +171,7 @@ def test_metrics_equal_the_protocols_formulas_and_the_cache_resumes(generator, t
 
 
 def test_cli_eval_writes_results_and_resumes(tiny_model_dir, tmp_path, training_dir, clip_dir, monkeypatch, capsys):
-    from conftest import make_concept as mk
+    from helpers import make_concept as mk
     from neti.__main__ import main
     from neti.models import load_pipeline
 

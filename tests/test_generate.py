@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_concept
+from helpers import make_concept
 from PIL import Image
 
 from neti.concept import Concept

@@ -43,7 +43,7 @@ def sd2_like_dir(tmp_path_factory):
     """An SD-2.x-like tiny model: another token width (48) and a v-prediction scheduler."""
     from toyworld.sd_layout import SDShape, build_pipeline
     from toyworld.tokenizer import build_clip_tokenizer
-    from conftest import WORDS
+    from helpers import WORDS
 
     folder = tmp_path_factory.mktemp("sd2")
     pipe = build_pipeline(SDShape(text_width=48, text_heads=4), build_clip_tokenizer(WORDS, folder / "vocab"))
