@@ -21,11 +21,13 @@ from neti.paths import DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
 from neti.studio import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, Studio, TrainingBusyError, check_uploads, example, \
     example_names
 from neti.concept import one_line
+from neti.config import DEFAULT_BYPASS_ALPHA, DEFAULT_HIDDEN_DIM
+from neti.mapper import parse_truncations
 from neti.train import TrainConfig
 
 logger = logging.getLogger("neti.app")
 
-FULL = 129  # the truncation slider's "full" position (no nested-dropout truncation)
+FULL = DEFAULT_HIDDEN_DIM + 1  # the truncation slider's "full" position (no nested-dropout truncation)
 DEFAULT_PROMPT = "a photo of a {} on a white background"
 USER_ERRORS = (ValueError, FileNotFoundError, TrainingBusyError)
 
@@ -246,15 +248,7 @@ def sweep(concepts, prompt, negative, num_images, seed, random_seed, steps, guid
           alpha, progress=gr.Progress()):
     progress(0, desc="Rendering the truncation sweep…")
     with user_errors():
-        values = []
-        for part in str(truncations).replace(",", " ").split():
-            if part.lower() in ("full", "none", str(FULL)):
-                values.append(None)
-            elif part.isdigit() and 1 <= int(part) <= 128:
-                values.append(int(part))
-            else:
-                raise ValueError(f"truncation {part!r} is not understood; give values in 1..128 or 'full', "
-                                 "e.g. '4, 16, 64, full'")
+        values = parse_truncations(truncations)
         r = studio().sweep(prompt, concepts or [], seed_value(seed, random_seed), int(num_images),
                            sampling(steps, guidance, scheduler, negative), values, float(alpha))
     return str(r.grid_path), gallery(r), [str(p) for p in r.paths] + [str(r.grid_path)]
@@ -271,7 +265,7 @@ def mix(geometry, appearance, prompt, layers, start, seed, random_seed, steps, g
     progress(0, desc="Mixing…")
     with user_errors():
         r = studio().mix(prompt, geometry, appearance, seed_value(seed, random_seed), [float(start)],
-                         parse_layers(layers), sampling(steps, guidance, scheduler), None, 0.2)
+                         parse_layers(layers), sampling(steps, guidance, scheduler), None, DEFAULT_BYPASS_ALPHA)
     return gallery(r), [str(p) for p in r.paths]
 
 
@@ -280,7 +274,7 @@ def mix_strip(geometry, appearance, prompt, layers, seed, random_seed, steps, gu
     progress(0, desc="Rendering starts " + ", ".join(str(s) for s in MIX_STRIP_STARTS) + "…")
     with user_errors():
         r = studio().mix(prompt, geometry, appearance, seed_value(seed, random_seed), list(MIX_STRIP_STARTS),
-                         parse_layers(layers), sampling(steps, guidance, scheduler), None, 0.2)
+                         parse_layers(layers), sampling(steps, guidance, scheduler), None, DEFAULT_BYPASS_ALPHA)
     return gallery(r), [str(p) for p in r.paths]
 
 
@@ -419,8 +413,9 @@ with demo:
                         guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance")
                         scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm", label="Scheduler")
                     truncation = gr.Slider(1, FULL, value=FULL, step=1, elem_id="gen-truncation",
-                                           label=f"Truncation: nested-dropout units kept (1-128; {FULL} = full)")
-                    alpha = gr.Slider(0, 1, value=0.2, step=0.05, label="Bypass strength (0 = off)")
+                                           label=f"Truncation: nested-dropout units kept "
+                                                 f"(1-{DEFAULT_HIDDEN_DIM}; {FULL} = full)")
+                    alpha = gr.Slider(0, 1, value=DEFAULT_BYPASS_ALPHA, step=0.05, label="Bypass strength (0 = off)")
                     with gr.Row():
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-button")
                         sweep_values = gr.Textbox(label="Sweep truncations", value="2, 8, 32, full", scale=2)

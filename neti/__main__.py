@@ -28,6 +28,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
+    from .config import DEFAULT_BYPASS_ALPHA, DEFAULT_HIDDEN_DIM
     from .generate import SCHEDULERS
 
     p.add_argument("--prompt", required=True, help="prompt with {} (or the concept's token) for the concept")
@@ -39,12 +40,15 @@ def _sampling_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--truncation", type=int, default=None, help="nested-dropout truncation k in 1..128")
-    p.add_argument("--alpha", type=float, default=0.2, help="textual-bypass strength (0 = off)")
+    p.add_argument("--truncation", type=int, default=None,
+                   help=f"nested-dropout truncation k in 1..{DEFAULT_HIDDEN_DIM}")
+    p.add_argument("--alpha", type=float, default=DEFAULT_BYPASS_ALPHA, help="textual-bypass strength (0 = off)")
     p.add_argument("--out", default="outputs", help="folder for the PNGs")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_BYPASS_ALPHA
+
     parser = argparse.ArgumentParser(prog="python -m neti", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="dpm")
-    p.add_argument("--alpha", type=float, default=0.2, help="textual-bypass strength (0 = off)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_BYPASS_ALPHA, help="textual-bypass strength (0 = off)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generator call")
     p.add_argument("--out", default="runs/eval", help="folder for results and the image cache (OUT/cache)")
     p.add_argument("--no-progress", action="store_true")
@@ -177,14 +181,9 @@ def _sampling(args):
 
 
 def _write(result, out: str, stem: str) -> None:
-    from .images import save_png
-
-    folder = Path(out)
-    for i, (image, settings) in enumerate(zip(result.images, result.settings)):
-        path = save_png(image, folder / f"{stem}-{i:02d}-seed{settings['seed']}.png", settings)
+    paths, grid = result.save(out, stem)
+    for path in paths + ([grid] if grid is not None else []):
         print(path)
-    if result.grid is not None:
-        print(save_png(result.grid, folder / f"{stem}-grid.png", {"items": result.settings}))
 
 
 def _same_run(resume: Path, out: Path) -> bool:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DEFAULT_BYPASS_ALPHA
+
 PLACEHOLDER = "{}"
 # Tokens (rows x sequence length) per text-encoder call. On the CPU small chunks keep the activations in cache:
 # 50 steps x 16 layers of the bundled model encode ~1.9x faster in chunks of 2,048 tokens than in one call
@@ -192,7 +194,7 @@ class TextConditioner:
 
     def encode_rows(self, prompts: Sequence[TokenizedPrompt], prompt_index: torch.Tensor, t: torch.Tensor,
                     l: torch.Tensor, concepts: Mapping[str, nn.Module], truncation: int | None = None,
-                    alpha: float = 0.2) -> Encoding:
+                    alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
         """Encodings of rows (prompts[prompt_index[n]], t[n], l[n]): keys and values, each (N, S, D)."""
         parts = _text_parts(self.text_encoder)
         weight = parts.embeddings.token_embedding.weight
@@ -223,7 +225,8 @@ class TextConditioner:
         return Encoding(keys, values)
 
     def encode_grid(self, prompt: TokenizedPrompt, concepts: Mapping[str, nn.Module], timesteps: Sequence[float],
-                    num_layers: int, truncation: int | None = None, alpha: float = 0.2) -> Encoding:
+                    num_layers: int, truncation: int | None = None,
+                    alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
         """All (timestep, layer) encodings of one prompt: keys and values, each (T, L, S, D), cached at inference.
 
         Rows a concept cannot tell apart (XTI ignores t, TI ignores t and l, a plain prompt ignores both) are

@@ -15,6 +15,7 @@ from typing import Any
 METHODS = ("neti", "xti", "ti")  # NeTI; XTI / P+ (one vector per layer); Textual Inversion (one vector)
 NUM_TRAIN_TIMESTEPS = 1000  # SD's diffusion length; timesteps are 0..999
 DEFAULT_BYPASS_ALPHA = 0.2  # textual-bypass strength (Sec. 3.3; hard-coded 0.2 in the official code)
+DEFAULT_HIDDEN_DIM = 128  # the mapper's hidden units, ordered by nested dropout: truncation k is 1..this
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class MapperConfig:
     sigma_l: float = 2.0  # std of the layer frequencies
     num_time_anchors: int = 10  # anchors t = 0, 100, ..., 900 for the projection (x L layers = 160)
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS  # span of t
-    hidden_dim: int = 128  # width of the two hidden layers, ordered by nested dropout
-    kept_units: int = 128  # hidden units the output layer reads (< hidden_dim after a truncated export)
+    hidden_dim: int = DEFAULT_HIDDEN_DIM  # width of the two hidden layers, ordered by nested dropout
+    kept_units: int = DEFAULT_HIDDEN_DIM  # hidden units the output layer reads (< hidden_dim after a truncated export)
     use_positional_encoding: bool = True  # ablation: False feeds (t, l) scaled to [-1, 1]
     use_nested_dropout: bool = True  # ablation: False trains without nested dropout
     nested_dropout_prob: float = 0.5  # chance that a mapper call applies nested dropout in training

@@ -35,7 +35,7 @@ from PIL import Image
 
 from .concept import Concept, atomic_write
 from .conditioning import PLACEHOLDER
-from .config import DEFAULT_BYPASS_ALPHA
+from .config import DEFAULT_BYPASS_ALPHA, DEFAULT_HIDDEN_DIM
 from .generate import Generator, Row, Sampling, check_seeds
 from .images import save_png
 from .models import weights_fingerprint
@@ -272,7 +272,7 @@ class EvalConfig:
         check_seeds(list(self.seeds))
         for k in self.sweep:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"sweep truncation {k!r} must be a positive integer (1..128)")
+                raise ValueError(f"sweep truncation {k!r} must be a positive integer (1..{DEFAULT_HIDDEN_DIM})")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"bypass strength alpha must be in [0, 1] (0 turns the bypass off), got {self.alpha!r}")
         if self.batch_size < 1:

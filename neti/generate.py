@@ -13,8 +13,10 @@ classifier-free guidance share one UNet call and all images of a call share one 
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -24,7 +26,7 @@ from .attention import ensure_processors, pack
 from .concept import Concept
 from .conditioning import Encoding, TextConditioner, format_prompt
 from .config import DEFAULT_BYPASS_ALPHA
-from .images import make_grid
+from .images import make_grid, save_png
 from .layers import cross_attention_layers, resolve_layer_names
 from .mapper import check_truncation
 from .models import model_label
@@ -79,6 +81,19 @@ class Result:
     images: list  # PIL images, or arrays / tensors with output_type "np" / "pt"
     settings: list[dict]
     grid: Image.Image | None = None
+
+    def save(self, folder: str | os.PathLike, stem: str, grid_name: str | None = None,
+             grid_settings: dict | None = None) -> tuple[list[Path], Path | None]:
+        """Write the images as PNGs with their settings embedded: `{stem}-{i:02d}-seed{seed}.png`, and the grid
+        (if any) as `grid_name` (default `{stem}-grid.png`) carrying `grid_settings` (default: every image's)."""
+        folder = Path(folder)
+        paths = [save_png(image, folder / f"{stem}-{i:02d}-seed{settings['seed']}.png", settings)
+                 for i, (image, settings) in enumerate(zip(self.images, self.settings))]
+        grid = None
+        if self.grid is not None:
+            grid = save_png(self.grid, folder / (grid_name or f"{stem}-grid.png"),
+                            grid_settings or {"items": self.settings})
+        return paths, grid
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:

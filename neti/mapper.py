@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MapperConfig
+from .config import DEFAULT_HIDDEN_DIM, MapperConfig
 from .positional_encoding import FourierEncoding, scaled_inputs
 
 
@@ -26,7 +26,7 @@ class MapperOutput(NamedTuple):
     bypass: torch.Tensor | None  # (N, D): v_pass, added after the text encoder; None without the bypass
 
 
-def check_truncation(truncation: int | None, hidden_dim: int = 128) -> None:
+def check_truncation(truncation: int | None, hidden_dim: int = DEFAULT_HIDDEN_DIM) -> None:
     """Validate a nested-dropout truncation index: None (all units) or 1..hidden_dim."""
     if truncation is None:
         return
@@ -35,6 +35,21 @@ def check_truncation(truncation: int | None, hidden_dim: int = 128) -> None:
             f"truncation {truncation!r} is out of range: use an integer from 1 to {hidden_dim} "
             "(lower keeps fewer units: coarser, more editable), or None to keep all units"
         )
+
+
+def parse_truncations(text: str, hidden_dim: int = DEFAULT_HIDDEN_DIM) -> list[int | None]:
+    """Truncations written as text, e.g. '4, 16, 64, full': integers 1..hidden_dim, or 'full' / 'none' /
+    hidden_dim + 1 for no truncation (None)."""
+    values: list[int | None] = []
+    for part in str(text).replace(",", " ").split():
+        if part.lower() in ("full", "none", str(hidden_dim + 1)):
+            values.append(None)
+        elif part.isdigit() and 1 <= int(part) <= hidden_dim:
+            values.append(int(part))
+        else:
+            raise ValueError(f"truncation {part!r} is not understood; give values in 1..{hidden_dim} or 'full', "
+                             "e.g. '4, 16, 64, full'")
+    return values
 
 
 class NetiMapper(nn.Module):

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .concept import Concept, export_textual_inversion, import_official
+from .config import DEFAULT_BYPASS_ALPHA
 from .data import ImageInputError, LoadedImage, read_caption, read_image
 from .generate import Generator, Result, Sampling
-from .images import save_png
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
 from .library import ConceptLibrary, check_name, name_from_token
 from .models import default_model, load_pipeline, model_label
@@ -176,13 +176,7 @@ class Studio:
         return [self.library.load(n) for n in names or []]
 
     def _write(self, result: Result, captions: list[str], grid_settings: dict | None = None) -> Rendered:
-        folder = self.output_dir / uuid.uuid4().hex[:12]
-        paths = []
-        for i, (image, settings) in enumerate(zip(result.images, result.settings)):
-            paths.append(save_png(image, folder / f"neti-{i:02d}-seed{settings['seed']}.png", settings))
-        grid = None
-        if result.grid is not None:
-            grid = save_png(result.grid, folder / "grid.png", grid_settings or {"items": result.settings})
+        paths, grid = result.save(self.output_dir / uuid.uuid4().hex[:12], "neti", "grid.png", grid_settings)
         return Rendered(paths, captions, grid, list(result.settings))
 
     def generate(self, prompt: str, concept_names: Sequence[str], seed: int | None, num_images: int,
@@ -215,7 +209,8 @@ class Studio:
         return self._write(result, [f"start t={int(s)} · seed {seed}" for s in starts])
 
     def decompose(self, prompt: str, concept: str, seed: int | None, timesteps: Sequence[float],
-                  sampling: Sampling, truncation: int | None = None, alpha: float = 0.2) -> Rendered:
+                  sampling: Sampling, truncation: int | None = None,
+                  alpha: float = DEFAULT_BYPASS_ALPHA) -> Rendered:
         if not concept:
             raise ValueError("choose a concept to decompose")
         seed = pick_seed(seed)

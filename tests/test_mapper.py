@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neti.config import MapperConfig
-from neti.mapper import NetiMapper, VectorTable, build_mapper, check_truncation, count_parameters
+from neti.mapper import NetiMapper, VectorTable, build_mapper, check_truncation, count_parameters, parse_truncations
 from neti.positional_encoding import FourierEncoding
 
 D, L = 768, 16
@@ -219,6 +219,14 @@ def test_truncation_outside_1_to_128_is_a_value_error_naming_the_value(bad):
 @pytest.mark.parametrize("good", [None, 1, 64, 128])
 def test_truncation_none_or_1_to_128_is_accepted(good):
     check_truncation(good)
+
+
+def test_truncations_written_as_text_are_1_to_128_or_full():
+    assert parse_truncations("4, 16 64,128 full None 129") == [4, 16, 64, 128, None, None, None]
+    for bad in ("0", "130", "-4", "8.5", "all"):
+        with pytest.raises(ValueError, match=f"truncation '{bad}' is not understood; give values in 1..128"):
+            parse_truncations(bad)
+
 
 
 # ---- baselines -----------------------------------------------------------------------------------------------
