@@ -44,7 +44,7 @@ HUNG_AFTER_S = 900  # a guard against a hung process only: every wait ends on it
 T = TypeVar("T")
 
 
-def wait_for(read: Callable[[], T], done: Callable[[T], bool], interval: float = 0.2) -> T:
+def wait_for(read: Callable[[], T], done: Callable[[T], bool], interval: float = 0.5) -> T:
     """Call `read()` until `done(value)` holds and return that value: the test waits for an event (a status, a
     file), not for a number of seconds. `done` should also accept the states that end the wait early (a run that
     finished or failed), so that the test's own assertions then say what went wrong."""

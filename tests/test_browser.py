@@ -119,7 +119,7 @@ def gallery_image(page, selector: str, previous: bytes | None = None, count: int
     images = page.locator(f"{selector} img")
     page.wait_for_function(f"document.querySelectorAll('{selector} img').length >= {count}")
     return wait_for(lambda: [page.request.get(images.nth(i).get_attribute("src")).body() for i in range(count)],
-                    lambda data: previous is None or data[0] != previous, interval=0.5)
+                    lambda data: previous is None or data[0] != previous)
 
 
 def pixels(png: bytes):
