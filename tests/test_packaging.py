@@ -34,7 +34,7 @@ def test_the_neti_console_script_runs_the_cli():
 
 def python_files():
     """Every Python file of the project but this one (whose patterns would match themselves)."""
-    skip = {".git", "build", "runs", "artifacts", ".cache"}
+    skip = {".git", "build", "runs", "artifacts", ".cache", ".venv", "venv", "site-packages", "node_modules"}
     return [p for p in REPO_ROOT.rglob("*.py")
             if not skip & set(p.relative_to(REPO_ROOT).parts) and p.resolve() != Path(__file__).resolve()]
 

@@ -1,4 +1,5 @@
-"""The bundled model shows a personal concept (slow: run with `python -m pytest -m slow`).
+"""The bundled model shows a personal concept: issue 12's acceptance targets (slow and marked `targets`: run with
+`python -m pytest -m targets`; the current export does not meet them yet, see toyworld/README.md).
 
 A shipped concept, rendered over 32 seeds and judged by the attribute classifier, shows its shape, colours and
 pattern where its super-category word alone does not, and still follows background edits at some truncation."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.targets]
 
 
 @pytest.mark.parametrize("name", ["dotted-crescent"])

@@ -94,8 +94,7 @@ def _text_features(model, processor, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def zero_shot_accuracy(model, processor, images: np.ndarray, scenes: list[Scene]) -> dict[str, float]:
     """Fraction of images for which the prompt naming the true attribute scores highest, per attribute."""
-    image_features = F.normalize(_features(model.get_image_features(**processor(images=list(images), return_tensors="pt"))),
-                                 dim=-1)
+    image_features = _image_features(model, processor, images)
     result = {}
     for attribute, prompts in ZERO_SHOT_PROMPTS.items():
         text_features = _text_features(model, processor, prompts)
@@ -108,8 +107,7 @@ def zero_shot_accuracy(model, processor, images: np.ndarray, scenes: list[Scene]
 @torch.no_grad()
 def zero_shot_unnamed(model, processor, images: np.ndarray, scenes: list[Scene]) -> dict[str, float]:
     """Zero-shot accuracy over named and unnamed values together, on the images whose shape (colour) is unnamed."""
-    image_features = F.normalize(_features(model.get_image_features(**processor(images=list(images), return_tensors="pt"))),
-                                 dim=-1)
+    image_features = _image_features(model, processor, images)
     result = {}
     for attribute, values in ALL_VALUES.items():
         rows = [i for i, s in enumerate(scenes) if getattr(s, attribute) not in ATTRIBUTE_VALUES[attribute]]
@@ -119,6 +117,11 @@ def zero_shot_unnamed(model, processor, images: np.ndarray, scenes: list[Scene])
             result[attribute] = float(np.mean([values[p] == getattr(scenes[i], attribute)
                                                for p, i in zip(predicted, rows)]))
     return result
+
+
+def _image_features(model, processor, images: np.ndarray) -> torch.Tensor:
+    pixels = processor(images=list(images), return_tensors="pt")
+    return F.normalize(_features(model.get_image_features(**pixels)), dim=-1)
 
 
 def _features(output) -> torch.Tensor:

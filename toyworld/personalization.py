@@ -80,24 +80,27 @@ def measure_concept(generator, concept, example: ExampleConcept, photos, classif
         edits[colour] = result.images[-len(edit_seeds)]  # full truncation, first seed
     curve = {k: {"background": round(float(np.mean(v["background"])), 4), "shape": round(float(np.mean(v["shape"])), 4)}
              for k, v in curve.items()}
+    def meets(v: dict) -> bool:
+        return v["background"] >= TARGETS["edit_background"] and v["shape"] >= TARGETS["edit_shape"]
+
     best = max(((k, v) for k, v in curve.items() if k == "None" or int(k) <= 32),
-               key=lambda kv: (kv[1]["background"] >= TARGETS["edit_background"] and kv[1]["shape"] >= TARGETS["edit_shape"],
-                               kv[1]["background"] + kv[1]["shape"]))
+               key=lambda kv: (meets(kv[1]), kv[1]["background"] + kv[1]["shape"]))
     strip = generator.sweep(FIDELITY_PROMPT, [concept], [seeds[0]], list(TRUNCATIONS), sampling).images
     training = clip.embed_images(photos)
+    similarity = {"concept": round(image_similarity(training, clip.embed_images(mine)), 4),
+                  "super_category_alone": round(image_similarity(training, clip.embed_images(alone)), 4)}
     report = {
         "super_category": word, "seeds": len(seeds), "edit_images_per_k": len(edit_seeds) * len(COLOURS),
         "fidelity": {k: share(fidelity, k) for k in ("shape", "colours", "pattern", "all")},
         "super_category_alone": {k: share(reference, k) for k in ("shape", "colours", "pattern", "all")},
         "editability": curve, "best_k": best[0],
-        "clip_image_similarity": {"concept": round(image_similarity(training, clip.embed_images(mine)), 4),
-                                  "super_category_alone": round(image_similarity(training, clip.embed_images(alone)), 4)},
+        "clip_image_similarity": similarity,
     }
     report["meets_targets"] = bool(
         report["fidelity"]["shape"] >= TARGETS["shape"] and report["fidelity"]["colours"] >= TARGETS["colours"]
         and report["fidelity"]["pattern"] >= TARGETS["pattern"]
         and report["super_category_alone"]["all"] <= TARGETS["word_alone"]
-        and best[1]["background"] >= TARGETS["edit_background"] and best[1]["shape"] >= TARGETS["edit_shape"])
+        and meets(best[1]))
     images = dict(photos=photos, concept=mine[:5], alone=alone[:5], edits=list(edits.values()), strip=strip)
     return report, images
 

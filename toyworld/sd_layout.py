@@ -79,7 +79,7 @@ def build_text_encoder(shape: SDShape, vocab_size: int):
 def build_scheduler():
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler(**SD_SCHEDULER_CONFIG)
+    return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
 
 
 def build_pipeline(shape: SDShape, tokenizer, seed: int = 0):

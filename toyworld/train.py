@@ -327,6 +327,14 @@ def exported_text_and_unet(tokenizer, text_encoder, unet) -> float:
     return json.loads((TOY_SD_PATH / "vae" / "config.json").read_text())["scaling_factor"]
 
 
+def exported_training_record() -> str | None:
+    """The export's `training.json` as text (a run that continues it records what it continued)."""
+    from toyworld.model import TOY_SD_PATH
+
+    record = TOY_SD_PATH / "training.json"
+    return record.read_text() if record.exists() else None
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023, Eq. 9)."""
     alpha_bar = scheduler.alphas_cumprod[timesteps]
@@ -358,9 +366,11 @@ def train_unet(args) -> None:
         step = state["step"]
         print(f"resuming the UNet at step {step} ({step * state['batch']} samples), noise offset {args.noise_offset}")
     scaling = state["scaling_factor"] if state else cache["scaling_factor"]
+    continued_from = state.get("continued_from") if state else None
     if not state and args.from_export:  # continue the exported model (a fresh optimiser) on new data
         scaling = exported_text_and_unet(tokenizer, text_encoder, unet)
         ema_text_encoder.load_state_dict(text_encoder.state_dict()), ema_unet.load_state_dict(unet.state_dict())
+        continued_from = exported_training_record()
         print(f"continuing the exported UNet and text encoder; latent scaling factor kept at {scaling:.4f}")
     elif not state and args.text_init:  # as Stable Diffusion starts from CLIP's text encoder, start from the toy CLIP's
         text_encoder.load_state_dict(clip_text_weights(args.text_init, tokenizer))
@@ -376,7 +386,8 @@ def train_unet(args) -> None:
         save_atomic(dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), ema_unet=ema_unet.state_dict(),
                          ema_text_encoder=ema_text_encoder.state_dict(), optimizer=optimizer.state_dict(), step=step,
                          batch=args.batch, seed=args.seed, scaling_factor=scaling,
-                         noise_offset=args.noise_offset, colour_dropout=args.colour_dropout), path)
+                         noise_offset=args.noise_offset, colour_dropout=args.colour_dropout,
+                         **({"continued_from": continued_from} if continued_from else {})), path)
 
     unet.train(), text_encoder.train()
     while step < args.steps and not progress.out_of_time():
@@ -426,6 +437,8 @@ def export(args) -> None:
     info = dict(unet_step=unet_state["step"], samples=unet_state["step"] * unet_state["batch"],
                 vae_step=vae_state["step"] if vae_state else None,
                 exported=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if unet_state.get("continued_from"):  # a fine-tune of an earlier export: keep its record
+        info["continued_from"] = json.loads(unet_state["continued_from"])
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"exported step {info['unet_step']} ({info['samples']} samples) to {out}")
 
