@@ -178,14 +178,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.sheets:
             sheet([("training photos", images["photos"]), ("concept", images["concept"]),
                    (f"'{concept.super_category}' alone", images["alone"]), ("on the 6 colours", images["edits"]),
-                   ("k = " + " ".join(str(k or 128) for k in TRUNCATIONS), images["strip"])],
+                   (f"k = {TRUNCATIONS[0]} ... 128", images["strip"])],
                   args.sheets / f"personalization-{example.name}.png")
     if GEOMETRY_EXAMPLE in concepts and APPEARANCE_EXAMPLE in concepts:
         report["mix"], strip = measure_mix(generator, concepts[GEOMETRY_EXAMPLE], concepts[APPEARANCE_EXAMPLE],
                                            seeds, classifier, sampling)
         print("mix", json.dumps(report["mix"]), flush=True)
         if args.sheets:
-            sheet([("start " + " ".join(str(s) for s in MIX_STARTS), strip)], args.sheets / "style-mix.png")
+            sheet([(f"starts {MIX_STARTS[0]}-{MIX_STARTS[-1]}", strip)], args.sheets / "style-mix.png")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 
