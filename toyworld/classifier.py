@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from toyworld.world import (ATTRIBUTES, SECOND_COLOURS, UNNAMED_COLOURS, UNNAMED_PATTERNS, UNNAMED_SHAPES, Labels,
                             Scene)
 
-UNNAMED_VALUES = {*UNNAMED_SHAPES, *UNNAMED_COLOURS, *UNNAMED_PATTERNS, *(set(SECOND_COLOURS) - {"shade"})}
+UNNAMED_VALUES = {"shape": set(UNNAMED_SHAPES), "colour": set(UNNAMED_COLOURS), "pattern": set(UNNAMED_PATTERNS),
+                  "second": set(SECOND_COLOURS) - {"shade"}}  # any second colour makes an object two-coloured
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,10 @@ def unnamed_accuracy(classifier: AttributeClassifier, images, scenes: list[Scene
     per attribute that has unnamed values."""
     predicted = classifier.predict(images)
     found = {}
-    for name in ("shape", "colour", "pattern", "second"):
+    for name, unnamed in UNNAMED_VALUES.items():
         if name not in predicted:  # a classifier of the named world alone
             continue
-        hits = [p == getattr(s, name) for p, s in zip(predicted[name], scenes) if getattr(s, name) in UNNAMED_VALUES]
+        hits = [p == getattr(s, name) for p, s in zip(predicted[name], scenes) if getattr(s, name) in unnamed]
         if hits:
             found[name] = float(np.mean(hits))
     return found
