@@ -376,7 +376,7 @@ class Trainer:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if not all(bool(torch.isfinite(p).all()) for p in self.concept.parameters()):
+                if not bool(torch.stack([torch.isfinite(p).all() for p in self.concept.parameters()]).all()):
                     self._diverged(f"the weights became NaN or infinite at step {self.step + 1}")
                 self.step += 1
                 self.concept.train_steps = self.step
@@ -468,7 +468,7 @@ class Trainer:
         """Read a checkpoint's tensors and put its mapper weights and step into the concept."""
         tensors = read_tensors(path)
         try:
-            self.concept.mapper.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("mapper.")})
+            self.concept.mapper.load_state_dict(_mapper_weights(tensors))
         except RuntimeError as exc:
             raise ValueError(f"{str(path)!r} does not fit this run's mapper ({one_line(exc)}); resume with the "
                              "settings it was trained with (method, ablations)") from None
@@ -564,7 +564,7 @@ def resumable_checkpoint(path: str | Path) -> Path:
         concept = Concept.load(path)
         for file in sorted(folder.glob("*.safetensors")):
             if str(_checkpoint_step(file)) == steps:
-                weights = _read_weights(file)
+                weights = {k: v.float() for k, v in _mapper_weights(read_tensors(file)).items()}
                 if all(torch.equal(weights[k], v) for k, v in concept.mapper.state_dict().items() if k in weights):
                     return file
     raise ValueError(f"{str(path)!r} is a concept but not a training checkpoint (no optimiser state), and "
@@ -572,8 +572,9 @@ def resumable_checkpoint(path: str | Path) -> Path:
                      "'*-checkpoints' folder (runs trained with checkpoints on can be extended)")
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    return {k[7:]: v.float() for k, v in read_tensors(path).items() if k.startswith("mapper.")}
+def _mapper_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mapper's state dict inside a checkpoint's tensors (keys 'mapper.*')."""
+    return {k[len("mapper."):]: v for k, v in tensors.items() if k.startswith("mapper.")}
 
 
 def _jsonable(state):

@@ -60,7 +60,12 @@ def load_checkpoint(path: Path) -> dict | None:
 
 def images_tensor(world: World, indices) -> torch.Tensor:
     """World images as a float (B, 3, 64, 64) tensor in [-1, 1]."""
-    images = np.stack([world.image(int(i)) for i in indices])
+    return scenes_tensor([world.scene(int(i)) for i in indices])
+
+
+def scenes_tensor(scenes) -> torch.Tensor:
+    """Rendered scenes as a float (B, 3, 64, 64) tensor in [-1, 1]."""
+    images = np.stack([render(s) for s in scenes])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -182,14 +187,14 @@ def train_vae(args) -> None:
             span = max(1, args.steps - args.anneal_from)
             for group in optimizer.param_groups:
                 group["lr"] = peak * cosine(step - args.anneal_from, span)
-        indices = range(step * args.batch, (step + 1) * args.batch)
-        x = images_tensor(world, indices)
+        scenes = [world.scene(i) for i in range(step * args.batch, (step + 1) * args.batch)]
+        x = scenes_tensor(scenes)
         with torch.set_grad_enabled(not args.decoder_only):
             posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=step_generator(args.seed, step))
         loss = vae_loss(vae.decode(z).sample, x, posterior.kl(), kl_weight=1e-6)
         if pinned is not None:
-            loss = loss + args.pin * pin_loss(pinned, x, posterior.mean, [world.scene(i).named for i in indices])
+            loss = loss + args.pin * pin_loss(pinned, x, posterior.mean, [s.named for s in scenes])
         optimise(optimizer, loss, [p for p in vae.parameters() if p.requires_grad])
         step += 1
         progress.after_step(f"vae step {step} loss {loss.item():.4f}", save)
