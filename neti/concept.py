@@ -220,7 +220,7 @@ class Concept(nn.Module):
                              f"at {differ[0]!r} ({found.get(differ[0])} in the file, {expected.get(differ[0])} "
                              "expected); the file was edited or damaged: re-export it")
         tensors = read_tensors(path)
-        state = {k.removeprefix("mapper."): v.float() for k, v in tensors.items() if k.startswith("mapper.")}
+        state = {k: v.float() for k, v in mapper_weights(tensors).items()}
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"{str(path)!r} holds non-finite weights (NaN or infinity) in {bad[0]!r}: the "
@@ -246,6 +246,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tupl
             f"{str(path)!r} is not a readable concept file ({one_line(exc)}); it may be truncated or not a "
             "safetensors file: re-export it, or import official NeTI checkpoints with `import-official`"
         ) from None
+
+
+def mapper_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mapper's state dict inside a concept file's or a checkpoint's tensors (keys 'mapper.*')."""
+    return {k.removeprefix("mapper."): v for k, v in tensors.items() if k.startswith("mapper.")}
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

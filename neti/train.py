@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
 from .attention import ensure_processors, pack
-from .concept import Concept, atomic_write, one_line, read_header, read_tensors
+from .concept import Concept, atomic_write, mapper_weights, one_line, read_header, read_tensors
 from .conditioning import TextConditioner, check_placeholder_token, format_prompt, super_category_id
 from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig, _known_fields
 from .data import CROP_MODES, ConceptDataset, LoadedImage, image_warnings, template_kind
@@ -468,7 +468,7 @@ class Trainer:
         """Read a checkpoint's tensors and put its mapper weights and step into the concept."""
         tensors = read_tensors(path)
         try:
-            self.concept.mapper.load_state_dict(_mapper_weights(tensors))
+            self.concept.mapper.load_state_dict(mapper_weights(tensors))
         except RuntimeError as exc:
             raise ValueError(f"{str(path)!r} does not fit this run's mapper ({one_line(exc)}); resume with the "
                              "settings it was trained with (method, ablations)") from None
@@ -564,17 +564,12 @@ def resumable_checkpoint(path: str | Path) -> Path:
         concept = Concept.load(path)
         for file in sorted(folder.glob("*.safetensors")):
             if str(_checkpoint_step(file)) == steps:
-                weights = {k: v.float() for k, v in _mapper_weights(read_tensors(file)).items()}
+                weights = {k: v.float() for k, v in mapper_weights(read_tensors(file)).items()}
                 if all(torch.equal(weights[k], v) for k, v in concept.mapper.state_dict().items() if k in weights):
                     return file
     raise ValueError(f"{str(path)!r} is a concept but not a training checkpoint (no optimiser state), and "
                      f"{str(folder)!r} holds no checkpoint of it at step {steps}; resume from a file in the "
                      "'*-checkpoints' folder (runs trained with checkpoints on can be extended)")
-
-
-def _mapper_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The mapper's state dict inside a checkpoint's tensors (keys 'mapper.*')."""
-    return {k[len("mapper."):]: v for k, v in tensors.items() if k.startswith("mapper.")}
 
 
 def _jsonable(state):
