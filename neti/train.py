@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 from .attention import ensure_processors, pack
 from .concept import Concept, atomic_write, mapper_weights, one_line, read_header, read_tensors
