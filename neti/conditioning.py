@@ -147,8 +147,14 @@ class TextConditioner:
     def embedding_of(self, token_id: int) -> torch.Tensor:
         return _text_parts(self.text_encoder).embeddings.token_embedding.weight[token_id].detach()
 
-    def tokenize(self, prompt: str, tokens: Sequence[str] = ()) -> TokenizedPrompt:
-        """Token ids of `prompt` with one slot for each occurrence of a concept token, padded to max length."""
+    def token_count(self, prompt: str, tokens: Sequence[str] = ()) -> int:
+        """How many tokens `prompt` takes with its start and end tokens (a concept token is one), uncut: more
+        than `max_length` means the end of the prompt is cut off."""
+        ids, _ = self._ids(prompt, tokens)
+        return len(ids) + 1
+
+    def _ids(self, prompt: str, tokens: Sequence[str]) -> tuple[list[int], list[tuple[int, str]]]:
+        """The start token and the prompt's ids (a pad id in each concept token's slot), uncut; the slots."""
         tok = self.tokenizer
         pieces, at = [], 0  # (text, is a token), split by the one matching rule (whole words only)
         for match in (token_pattern(tokens).finditer(prompt) if tokens else ()):
@@ -162,6 +168,12 @@ class TextConditioner:
                 ids.append(tok.pad_token_id)
             elif piece.strip():
                 ids.extend(tok(piece, add_special_tokens=False).input_ids)
+        return ids, slots
+
+    def tokenize(self, prompt: str, tokens: Sequence[str] = ()) -> TokenizedPrompt:
+        """Token ids of `prompt` with one slot for each occurrence of a concept token, padded to max length."""
+        tok = self.tokenizer
+        ids, slots = self._ids(prompt, tokens)
         if len(ids) + 1 > self.max_length:
             lost = [t for p, t in slots if p >= self.max_length - 1]
             if lost:

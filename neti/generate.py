@@ -7,7 +7,9 @@ classifier-free guidance share one UNet call and all images of a call share one 
 - truncation k: nested-dropout truncation, fidelity (k = 128) against editability (small k) (Sec. 3.4);
 - bypass strength alpha (0 = no textual bypass) (Sec. 3.3);
 - truncation sweep, per-timestep decomposition (the mapper queried at one fixed t, Fig. 12), and style mixing:
-  the geometry concept feeds the geometry layers, and all layers before the start timestep (Fig. 20).
+  the geometry concept feeds the geometry layers, and all layers before the start timestep (Fig. 20);
+- an X/Y grid over any two of truncation, bypass strength, mixing start and seed (neti.xy).
+Every call takes `on_step(done, total) -> interrupt?` (neti.progress) for a progress bar and an Interrupt.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from .attention import ensure_processors, pack
 from .concept import Concept
 from .conditioning import Encoding, TextConditioner, format_prompt
 from .config import DEFAULT_BYPASS_ALPHA
-from .images import make_grid, save_png
+from .images import file_name, labelled_grid, make_grid, save_png
 from .layers import cross_attention_layers, resolve_layer_names
 from .mapper import check_truncation
 from .models import model_label
+from .progress import StepCallback
+from .xy import Axis, points
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +85,16 @@ class Result:
     images: list  # PIL images, or arrays / tensors with output_type "np" / "pt"
     settings: list[dict]
     grid: Image.Image | None = None
+    interrupted_at: int | None = None  # sampler steps done when an Interrupt ended the run early
+    references: "Result | None" = None  # style mixing: each concept alone, same seeds (geometry, appearance)
 
     def save(self, folder: str | os.PathLike, stem: str, grid_name: str | None = None,
              grid_settings: dict | None = None) -> tuple[list[Path], Path | None]:
-        """Write the images as PNGs with their settings embedded: `{stem}-{i:02d}-seed{seed}.png`, and the grid
-        (if any) as `grid_name` (default `{stem}-grid.png`) carrying `grid_settings` (default: every image's)."""
+        """Write the images as PNGs with their settings embedded, named by `neti.images.file_name`
+        (`{stem}-00-crescent-k8-a0.2-seed4.png`), and the grid (if any) as `grid_name` (default
+        `{stem}-grid.png`) carrying `grid_settings` (default: every image's)."""
         folder = Path(folder)
-        paths = [save_png(image, folder / f"{stem}-{i:02d}-seed{settings['seed']}.png", settings)
+        paths = [save_png(image, folder / file_name(stem, i, settings), settings)
                  for i, (image, settings) in enumerate(zip(self.images, self.settings))]
         grid = None
         if self.grid is not None:
@@ -158,8 +165,11 @@ class Generator:
             return self.conditioner.encode_grid(tokenized, by_token, mapper_timesteps, self.num_layers,
                                                 truncation, alpha)
 
-    def render(self, rows: Sequence[Row], sampling: Sampling, output_type: str = "pil") -> Result:
-        """Denoise all rows in one batch with diffusers' pipeline; the callback feeds each step's encodings."""
+    def render(self, rows: Sequence[Row], sampling: Sampling, output_type: str = "pil",
+               on_step: StepCallback | None = None) -> Result:
+        """Denoise all rows in one batch with diffusers' pipeline; the callback feeds each step's encodings,
+        reports progress to `on_step` and, when it returns True, interrupts (diffusers' `interrupt`: the
+        remaining steps are skipped and the latents so far decoded)."""
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(**{**self.pipe.components, "scheduler": self.make_scheduler(sampling.scheduler)},
@@ -176,7 +186,13 @@ class Generator:
             values = torch.stack([r.encoding.values[step] for r in rows])
             return pack(keys, values)
 
+        done = [steps]
+
         def on_step_end(pipeline, i, t, kwargs):
+            if on_step is not None and on_step(i + 1, steps) and i + 1 < steps:
+                pipeline._interrupt = True
+                done[0] = i + 1
+                logger.info("interrupted after %d of %d steps", i + 1, steps)
             if i + 1 >= steps:
                 return {}
             embeds = packed(i + 1)
@@ -194,26 +210,41 @@ class Generator:
         settings = [{**r.settings, "seed": r.seed, "steps": sampling.steps, "guidance": sampling.guidance,
                      "scheduler": sampling.scheduler, "negative_prompt": sampling.negative_prompt,
                      "base_model": self.model_name} for r in rows]
-        return Result(list(out.images), settings)
+        return Result(list(out.images), settings, interrupted_at=done[0] if done[0] < steps else None)
 
     def _settings(self, prompt: str, concepts: Sequence[Concept], truncation, alpha) -> dict:
-        return {"prompt": prompt, "concepts": [c.token for c in concepts], "truncation": truncation,
-                "alpha": alpha}
+        """The settings an image carries; `resolved_prompt` is the text the model read (tokens for `{}`)."""
+        _, _, text = self.prepare(prompt, concepts)
+        return {"prompt": prompt, "resolved_prompt": text, "concepts": [c.token for c in concepts],
+                "truncation": truncation, "alpha": alpha}
+
+    def token_count(self, prompt: str, concepts: Sequence[Concept] = ()) -> int:
+        """Tokens the prompt takes with its start and end tokens (a concept token is one), before any cut to
+        `max_tokens`; `{}` counts as the first concept's token."""
+        tokens = [c.token for c in concepts]
+        text = prompt.replace("{}", tokens[0]) if tokens else prompt.replace("{}", "")
+        return self.conditioner.token_count(text, tokens)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.conditioner.max_length
 
     # ---- public controls ------------------------------------------------------------------------------------
     def generate(self, prompt: str, concepts: Sequence[Concept] = (), seeds: Sequence[int] = (0,),
                  sampling: Sampling = Sampling(), truncation: int | None = None,
-                 alpha: float = DEFAULT_BYPASS_ALPHA, output_type: str = "pil") -> Result:
+                 alpha: float = DEFAULT_BYPASS_ALPHA, output_type: str = "pil",
+                 on_step: StepCallback | None = None) -> Result:
         """One image per seed, all in one batch."""
         seeds = check_seeds(seeds)
         _check_alpha(alpha)
         check_truncation(truncation)
         encoding = self.encode(prompt, concepts, self.timesteps(sampling), truncation, alpha)
         base = self._settings(prompt, concepts, truncation, alpha)
-        return self.render([Row(encoding, s, dict(base)) for s in seeds], sampling, output_type)
+        return self.render([Row(encoding, s, dict(base)) for s in seeds], sampling, output_type, on_step)
 
     def sweep(self, prompt: str, concepts: Sequence[Concept], seeds: Sequence[int], truncations: Sequence[int | None],
-              sampling: Sampling = Sampling(), alpha: float = DEFAULT_BYPASS_ALPHA) -> Result:
+              sampling: Sampling = Sampling(), alpha: float = DEFAULT_BYPASS_ALPHA,
+              on_step: StepCallback | None = None) -> Result:
         """The same seeds at several truncations in one batch; grid rows are truncations, columns seeds."""
         seeds, truncations = check_seeds(seeds), list(truncations)
         if not truncations:
@@ -226,14 +257,14 @@ class Generator:
         for k in truncations:
             encoding = self.encode(prompt, concepts, timesteps, k, alpha)
             rows += [Row(encoding, s, self._settings(prompt, concepts, k, alpha)) for s in seeds]
-        result = self.render(rows, sampling)
+        result = self.render(rows, sampling, on_step=on_step)
         result.grid = make_grid(result.images, len(truncations), len(seeds))
         return result
 
     def decompose(self, prompt: str, concepts: Sequence[Concept], seed: int = 0,
                   fixed_timesteps: Sequence[float] = DEFAULT_DECOMPOSITION_TIMESTEPS,
                   sampling: Sampling = Sampling(), truncation: int | None = None,
-                  alpha: float = DEFAULT_BYPASS_ALPHA) -> Result:
+                  alpha: float = DEFAULT_BYPASS_ALPHA, on_step: StepCallback | None = None) -> Result:
         """Per-timestep decomposition (Fig. 12): for each fixed t, M(t, l) feeds every denoising step."""
         seed = check_seeds([seed])[0]
         _check_alpha(alpha)
@@ -246,43 +277,126 @@ class Generator:
             encoding = self.encode(prompt, concepts, [float(t)] * steps, truncation, alpha)
             rows.append(Row(encoding, seed, {**self._settings(prompt, concepts, truncation, alpha),
                                              "fixed_timestep": float(t)}))
-        result = self.render(rows, sampling)
+        result = self.render(rows, sampling, on_step=on_step)
         result.grid = make_grid(result.images, 1, len(rows))
         return result
 
     def mix(self, prompt: str, geometry: Concept, appearance: Concept, seeds: Sequence[int] = (0,),
             starts: Sequence[float] = (700,), geometry_layers: Sequence[str] = DEFAULT_GEOMETRY_LAYERS,
             sampling: Sampling = Sampling(), truncation: int | None = None,
-            alpha: float = DEFAULT_BYPASS_ALPHA) -> Result:
+            alpha: float = DEFAULT_BYPASS_ALPHA, references: bool = False,
+            on_step: StepCallback | None = None) -> Result:
         """Style mixing (Fig. 20): geometry in `geometry_layers` always, and everywhere while t > start.
 
-        The prompt names the concept with {} or the geometry concept's token. One row per (start, seed).
+        The prompt names the concept with {} or the geometry concept's token. One row per (start, seed). With
+        `references`, each concept alone at the same seeds is rendered in the same batch (`result.references`:
+        the geometry concept's images, then the appearance concept's).
         """
         seeds = check_seeds(seeds)
         _check_alpha(alpha)
         check_truncation(truncation)
+        mixer = self._mixer(prompt, geometry, appearance, geometry_layers, sampling)
+        rows = []
+        for start in starts:
+            settings = {**self._settings(prompt, [geometry], truncation, alpha), "appearance": appearance.token,
+                        "geometry_layers": list(geometry_layers), "mix_start": float(start)}
+            rows += [Row(mixer(start, truncation, alpha), s, settings) for s in seeds]
+        mixed = len(rows)
+        if references:
+            geo_alone = mixer(0.0, truncation, alpha, alone="geometry")
+            app_alone = mixer(0.0, truncation, alpha, alone="appearance")
+            rows += [Row(geo_alone, s, {**self._settings(prompt, [geometry], truncation, alpha),
+                                        "reference": "geometry"}) for s in seeds]
+            geo_settings = self._settings(prompt, [geometry], truncation, alpha)
+            app_settings = {**geo_settings, "concepts": [appearance.token], "reference": "appearance",
+                            "resolved_prompt": geo_settings["resolved_prompt"].replace(geometry.token, appearance.token)}
+            rows += [Row(app_alone, s, app_settings) for s in seeds]
+        out = self.render(rows, sampling, on_step=on_step)
+        result = Result(out.images[:mixed], out.settings[:mixed], interrupted_at=out.interrupted_at)
+        if references:
+            result.references = Result(out.images[mixed:], out.settings[mixed:], interrupted_at=out.interrupted_at)
+        result.grid = make_grid(result.images, len(starts), len(seeds))
+        return result
+
+    def _mixer(self, prompt: str, geometry: Concept, appearance: Concept, geometry_layers: Sequence[str],
+               sampling: Sampling):
+        """`mixed(start, truncation, alpha, alone=None)`: the (T, L, S, D) style-mixing encoding, or one concept's
+        own (`alone` = "geometry" or "appearance"); the two concepts' encodings are cached per (k, alpha)."""
         geometry_idx = resolve_layer_names(self.layers, list(geometry_layers))
         appearance.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model")
         timesteps = self.timesteps(sampling)
-        geo = self.encode(prompt, [geometry], timesteps, truncation, alpha)
-        app = self.encode(prompt, [geometry], timesteps, truncation, alpha, fill=appearance)
         is_geometry_layer = torch.zeros(self.num_layers, dtype=torch.bool)
         is_geometry_layer[geometry_idx] = True
-        rows = []
-        for start in starts:
+        cache: dict = {}
+
+        def mixed(start: float, truncation: int | None, alpha: float, alone: str | None = None) -> Encoding:
             if not 0 <= float(start) <= 1000:
                 raise ValueError(f"mixing start timestep {start!r} must be in [0, 1000]")
+            if (truncation, alpha) not in cache:
+                cache[truncation, alpha] = (self.encode(prompt, [geometry], timesteps, truncation, alpha),
+                                            self.encode(prompt, [geometry], timesteps, truncation, alpha,
+                                                        fill=appearance))
+            geo, app = cache[truncation, alpha]
+            if alone is not None:
+                return geo if alone == "geometry" else app
             before_start = torch.tensor([t > float(start) for t in timesteps])
             use_geo = (before_start[:, None] | is_geometry_layer[None, :])[..., None, None]  # (T, L, 1, 1)
-            device = geo.keys.device
-            mixed = Encoding(torch.where(use_geo.to(device), geo.keys, app.keys),
-                             torch.where(use_geo.to(device), geo.values, app.values))
-            settings = {**self._settings(prompt, [geometry], truncation, alpha), "appearance": appearance.token,
-                        "geometry_layers": list(geometry_layers), "mix_start": float(start)}
-            rows += [Row(mixed, s, settings) for s in seeds]
-        result = self.render(rows, sampling)
-        result.grid = make_grid(result.images, len(starts), len(seeds))
+            use_geo = use_geo.to(geo.keys.device)
+            return Encoding(torch.where(use_geo, geo.keys, app.keys), torch.where(use_geo, geo.values, app.values))
+
+        return mixed
+
+    def xy(self, prompt: str, concepts: Sequence[Concept], x: Axis, y: Axis, seed: int = 0,
+           sampling: Sampling = Sampling(), truncation: int | None = None, alpha: float = DEFAULT_BYPASS_ALPHA,
+           mix_start: float | None = None, appearance: Concept | None = None,
+           geometry_layers: Sequence[str] = DEFAULT_GEOMETRY_LAYERS,
+           on_step: StepCallback | None = None) -> Result:
+        """An X/Y grid in one batch: every (y, x) pair of values of two controls (neti.xy.AXES), the others
+        fixed; rows are y values, columns x values, and the grid's axes are labelled. A "mix start" axis (or an
+        `appearance` concept) makes each cell a style mix of the (single) concept with `appearance`."""
+        base = {"seed": seed, "truncation": truncation, "alpha": alpha,
+                "mix_start": None if mix_start is None else float(mix_start)}
+        cells = points(x, y, base)
+        mixing = appearance is not None or "mix start" in (x.name, y.name)
+        if mixing and (appearance is None or len(concepts) != 1):
+            raise ValueError("an X/Y grid over the mixing start needs one geometry concept and one appearance concept")
+        for cell in cells:
+            check_seeds([cell["seed"]])
+            check_truncation(cell["truncation"])
+            _check_alpha(cell["alpha"])
+        timesteps = None if mixing else self.timesteps(sampling)
+        mixer = self._mixer(prompt, concepts[0], appearance, geometry_layers, sampling) if mixing else None
+        encodings, rows = {}, []
+        for cell in cells:
+            start = 700.0 if cell["mix_start"] is None else cell["mix_start"]
+            key = (cell["truncation"], cell["alpha"], start if mixing else None)
+            if key not in encodings:
+                encodings[key] = mixer(start, cell["truncation"], cell["alpha"]) if mixing else \
+                    self.encode(prompt, concepts, timesteps, cell["truncation"], cell["alpha"])
+            settings = self._settings(prompt, concepts, cell["truncation"], cell["alpha"])
+            if mixing:
+                settings.update(appearance=appearance.token, geometry_layers=list(geometry_layers), mix_start=start)
+            rows.append(Row(encodings[key], cell["seed"], settings))
+        result = self.render(rows, sampling, on_step=on_step)
+        result.grid = labelled_grid(result.images, x.labels(), y.labels(), x.name, y.name)
         return result
+
+
+MIX_LAYER_LEGEND = ("IN: the UNet's down path, coarser with depth (IN07, IN08 at the lowest resolution); MID: the "
+                    "bottleneck, the coarsest (layout, shape); OUT: the up path, finer as it goes (OUT09-OUT11: "
+                    "texture and colour). Geometry lives in the coarse layers, appearance in the fine ones.")
+
+
+def describe_mix_start(start: float, geometry_layers: Sequence[str]) -> str:
+    """The mixing start timestep in words (Fig. 20): which concept drives which layers when, and which way the
+    slider goes."""
+    start = float(start)
+    share = max(0.0, min(1.0, (1000 - start) / 1000))
+    layers = ", ".join(geometry_layers) or "no layer"
+    return (f"Start t={start:g}: for the first {share:.0%} of the denoising (t 999 to {start:g}) the geometry concept "
+            f"drives every layer and sets the layout; after that only {layers} keep it and the appearance concept "
+            "paints the rest. Lower start: more of the geometry concept; higher start: more of the appearance "
+            "concept.")
 
 
 @contextmanager

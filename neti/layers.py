@@ -18,6 +18,8 @@ _PATH = re.compile(
     r"\.transformer_blocks\.(?P<tb>\d+)\.attn2$"
 )
 _GROUP_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+SD_LAYER_NAMES = ("IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07",
+                  "OUT08", "OUT09", "OUT10", "OUT11")  # SD 1.x/2.x's 16 layers in forward order, coarse in the middle
 
 
 @dataclass(frozen=True)

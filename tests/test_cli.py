@@ -70,7 +70,7 @@ def test_generate_writes_pngs_that_carry_their_settings(trained, tiny_model_dir,
                  "--prompt", "a photo of a {}", "--seeds", "4", "5", "--steps", "2", "--truncation", "8",
                  "--out", str(tmp_path)]) == 0
     files = sorted(tmp_path.glob("image-*.png"))
-    assert [f.name for f in files] == ["image-00-seed4.png", "image-01-seed5.png"]
+    assert [f.name for f in files] == ["image-00-thing-k8-a0.2-seed4.png", "image-01-thing-k8-a0.2-seed5.png"]
     settings = read_settings(files[1])
     assert settings["seed"] == 5 and settings["truncation"] == 8 and settings["concepts"] == ["<thing>"]
     assert settings["scheduler"] == "dpm" and settings["steps"] == 2 and settings["alpha"] == 0.2
