@@ -8,12 +8,12 @@ reloads reconnects to the running job.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from .progress import format_seconds
 from .train import TrainConfig, Trainer, TrainingCallback
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class TrainingSnapshot:
     name: str = ""
     token: str = ""
     model: str = ""
+    super_category: str = ""
+    config: TrainConfig | None = None  # the job's settings, so that a reloaded page shows them
     step: int = 0
     total: int = 0
     losses: tuple[float, ...] = ()
@@ -65,13 +67,6 @@ class TrainingSnapshot:
             return f"{head}. Saved as concept '{self.name}'." if self.saved else f"{head}. Nothing was trained: no " \
                 "concept was saved."
         return head
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 class _Recorder(TrainingCallback):
@@ -135,12 +130,14 @@ class TrainingManager:
                 f"{left}; wait for it or stop it first (one training at a time)")
 
     def start(self, pipe, model_name: str, images: Sequence, name: str, token: str, super_category: str,
-              config: TrainConfig, out_path: Path, on_done=None) -> TrainingSnapshot:
-        """Build the trainer (bad token, super-category or settings raise here) and train in the background."""
+              config: TrainConfig, out_path: Path, on_done=None, resume: Path | None = None) -> TrainingSnapshot:
+        """Build the trainer (bad token, super-category or settings raise here) and train in the background;
+        with `resume` (a checkpoint, or a concept with checkpoints) the run continues from it."""
         with self._lock:
             self._check_idle()
             previous = self._snap
-            self._snap = TrainingSnapshot(status="running", name=name, token=token, model=model_name, total=config.steps,
+            self._snap = TrainingSnapshot(status="running", name=name, token=token, model=model_name,
+                                          super_category=super_category, config=config, total=config.steps,
                                           preview_prompts=tuple(config.preview_prompts), output_path=str(out_path),
                                           version=self._snap.version + 1)
             self._sps_ema = None
@@ -155,19 +152,19 @@ class TrainingManager:
             self._update(warnings=tuple(trainer.warnings))
             if self._snap.status == "stopping":
                 trainer.cancel()
-        self._thread = threading.Thread(target=self._run, args=(trainer, Path(out_path), on_done),
+        self._thread = threading.Thread(target=self._run, args=(trainer, Path(out_path), on_done, resume),
                                         name=f"neti-train-{name}", daemon=True)
         self._thread.start()
         logger.info("training %s (%s) for %d steps -> %s", name, token, config.steps, out_path)
         return self.snapshot()
 
-    def _run(self, trainer: Trainer, out_path: Path, on_done) -> None:
+    def _run(self, trainer: Trainer, out_path: Path, on_done, resume: Path | None = None) -> None:
         import torch
 
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # torch's setting is process-wide: restored when the training ends
         try:
-            result = trainer.train(out_path)
+            result = trainer.train(out_path, resume=resume)
             with self._lock:
                 self._update(status="stopped" if result.cancelled else "finished", step=result.steps_done,
                              eta_seconds=None, saved=result.saved)

@@ -2,7 +2,8 @@
 
 Concept files (NeTI Sec. 3, one mapper each) live in `concepts/` (read-write) and `assets/concepts/` (shipped
 with the bundled model, read-only; a user concept of the same name hides a shipped one). A name is a plain file
-stem: nothing the app is given can read or write outside those folders.
+stem: nothing the app is given can read or write outside those folders. A concept may have a thumbnail next
+to it, `<name>.preview.png` (the last preview of its training), which moves and goes with it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .paths import DEFAULT_CONCEPTS_DIR, SHIPPED_CONCEPTS_DIR
 logger = logging.getLogger(__name__)
 
 CONCEPT_SUFFIX = ".safetensors"
+THUMBNAIL_SUFFIX = ".preview.png"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,79}$")
 
 
@@ -145,6 +147,19 @@ class ConceptLibrary:
         info["name"], info["shipped"] = e.name, e.shipped
         return info
 
+    def thumbnail(self, name: str) -> Path | None:
+        """The concept's thumbnail file, if it has one."""
+        e = self.entry(name)
+        path = e.path.with_name(e.name + THUMBNAIL_SUFFIX)
+        return path if path.is_file() and not _escapes(path, path.parent) else None
+
+    def save_thumbnail(self, name: str, image) -> Path:
+        """Write `image` (PIL) as the thumbnail of the user concept `name`."""
+        e = self._own(name, "given a thumbnail")
+        path = e.path.with_name(e.name + THUMBNAIL_SUFFIX)
+        image.save(path, format="PNG")
+        return path
+
     def path_for_new(self, name: str) -> Path:
         """Where a new concept named `name` goes; refuses a name already in use."""
         name = check_name(name)
@@ -171,6 +186,9 @@ class ConceptLibrary:
         e = self._own(old, "renamed")
         target = self.path_for_new(new)
         os.replace(e.path, target)
+        thumb = e.path.with_name(e.name + THUMBNAIL_SUFFIX)
+        if thumb.is_file():
+            os.replace(thumb, target.with_name(target.stem + THUMBNAIL_SUFFIX))
         with self._lock:
             self._cache.pop(e.path, None)
         logger.info("renamed concept %s -> %s", e.name, target.stem)
@@ -179,6 +197,7 @@ class ConceptLibrary:
     def delete(self, name: str) -> None:
         e = self._own(name, "deleted")
         e.path.unlink()
+        e.path.with_name(e.name + THUMBNAIL_SUFFIX).unlink(missing_ok=True)
         with self._lock:
             self._cache.pop(e.path, None)
         logger.info("deleted concept %s", e.name)

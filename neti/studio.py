@@ -3,8 +3,11 @@
 - the concept library (`neti.library`) and background training (`neti.jobs`), re-exported here;
 - `check_uploads`: training uploads are accepted by content (`neti.data.load_images`), with a per-file size cap
   and a count cap, and one readable reason per rejected file.
-- `Studio`: the loaded base model and its `Generator`, model switching, and generation (generate, sweep, mix,
-  decompose) writing PNGs that carry their settings (`neti.images.save_png`).
+- `Studio`: the loaded base model and its `Generator`, model switching, and generation (generate, sweep, X/Y
+  grid, mix with its references, decompose) writing PNGs that carry their settings (`neti.images.save_png`),
+  with per-step progress and an Interrupt (`neti.progress`);
+- `ConceptStatus`: what a concept picker shows of a concept, unusable ones (no training step, another model,
+  unreadable) flagged; a concept's thumbnail is the last preview of its training (`ConceptLibrary.thumbnail`).
 
 Generation while a training runs: it runs at once on the same frozen pipeline (the trainer only trains its own
 mapper, and the attention processors are stateless), sharing the CPU, so both are slower. Generation calls are
@@ -29,17 +32,23 @@ from typing import Sequence
 from .concept import Concept, export_textual_inversion, import_official
 from .config import DEFAULT_BYPASS_ALPHA
 from .data import ImageInputError, LoadedImage, read_caption, read_image
-from .generate import Generator, Result, Sampling
+from .generate import DEFAULT_GEOMETRY_LAYERS, Generator, Result, Sampling
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
 from .library import ConceptLibrary, check_name, name_from_token
 from .models import default_model, load_pipeline, model_label
 from .paths import BUNDLED_MODEL, DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
-from .train import TrainConfig
+from .progress import StepReporter
+from .train import TrainConfig, resumable_checkpoint
+from .xy import Axis
 
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_FILES = 20  # NeTI uses 3-10 images
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file
+TRAINING_PRESETS = {  # name -> (optimisation steps, preview every N steps); the paper trains 500 steps (Sec. 5)
+    "Quick look: 100 steps": (100, 25),
+    "Paper: 500 steps": (500, 50),
+}
 
 
 # ---- uploads ---------------------------------------------------------------------------------------------------
@@ -114,6 +123,27 @@ class Rendered:
     captions: list[str]
     grid_path: Path | None = None
     settings: list[dict] = field(default_factory=list)
+    interrupted_at: int | None = None  # sampler steps done when Interrupt ended the run
+    references: "Rendered | None" = None  # style mixing: each concept alone
+
+
+@dataclass(frozen=True)
+class ConceptStatus:
+    """A library concept as a picker shows it; `problem` says why it cannot be used with the loaded model."""
+
+    name: str
+    token: str
+    steps: int
+    shipped: bool
+    problem: str = ""  # "": usable
+
+    @property
+    def label(self) -> str:
+        """'crescent · <crescent> · 40 steps', and the problem or '(shipped)' after it."""
+        head = f"{self.name} · {self.token or '?'} · {self.steps} steps"
+        if self.problem:
+            return f"⚠ {head} · unusable: {self.problem}"
+        return head + (" · shipped" if self.shipped else "")
 
 
 def pick_seed(seed: int | None) -> int:
@@ -132,6 +162,7 @@ class Studio:
         self.output_dir = Path(output_dir or Path(tempfile.gettempdir()) / "neti-studio" / "outputs")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()  # generation and model switches
+        self._interrupt = threading.Event()  # set by `interrupt()`, cleared when a generation starts
         self.model_name = ""
         self.pipe = None
         self.generator: Generator | None = None
@@ -171,70 +202,169 @@ class Studio:
     def resolution(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
+    # ---- the library as pickers show it ------------------------------------------------------------------------
+    def concept_statuses(self) -> list[ConceptStatus]:
+        """Every library concept, usable ones first (library order), then the unusable ones."""
+        out = []
+        for e in self.library.entries():
+            try:
+                concept = self.library.load(e.name)
+            except (ValueError, OSError):
+                out.append(ConceptStatus(e.name, "", 0, e.shipped, "unreadable file"))
+                continue
+            problem = "" if self.is_compatible(concept) else "made for another base model"
+            problem = problem or ("" if concept.train_steps else "0 training steps")
+            out.append(ConceptStatus(e.name, concept.token, int(concept.train_steps or 0), e.shipped, problem))
+        return [c for c in out if not c.problem] + [c for c in out if c.problem]
+
+    def library_cards(self) -> list[tuple[Path | None, str, str]]:
+        """(thumbnail or None, label, name) of every concept, in `concept_statuses` order."""
+        out = []
+        for c in self.concept_statuses():
+            try:
+                thumb = self.library.thumbnail(c.name)
+            except ValueError:
+                thumb = None
+            out.append((thumb, c.label, c.name))
+        return out
+
+    def token_count(self, prompt: str, concept_names: Sequence[str]) -> tuple[int, int]:
+        """(tokens the prompt takes, tokens the model reads); unknown concepts are left out of the count."""
+        concepts = []
+        for name in concept_names or []:
+            try:
+                concepts.append(self.library.load(name))
+            except (ValueError, OSError):
+                continue
+        return self.generator.token_count(prompt or "", concepts), self.generator.max_tokens
+
+    # ---- progress ----------------------------------------------------------------------------------------------
+    def interrupt(self) -> bool:
+        """Ask the running generation to stop after its current sampler step; False if none runs."""
+        running = self._busy
+        if running:
+            self._interrupt.set()
+        return running
+
+    @property
+    def _busy(self) -> bool:
+        acquired = self._lock.acquire(blocking=False)
+        if acquired:
+            self._lock.release()
+        return not acquired
+
+    def _reporter(self, progress) -> StepReporter:  # call with the lock held
+        self._interrupt.clear()
+        return StepReporter(progress, self._interrupt)
+
     # ---- generation --------------------------------------------------------------------------------------------
     def _concepts(self, names: Sequence[str]) -> list[Concept]:
         return [self.library.load(n) for n in names or []]
 
     def _write(self, result: Result, captions: list[str], grid_settings: dict | None = None) -> Rendered:
-        paths, grid = result.save(self.output_dir / uuid.uuid4().hex[:12], "neti", "grid.png", grid_settings)
-        return Rendered(paths, captions, grid, list(result.settings))
+        folder = self.output_dir / uuid.uuid4().hex[:12]
+        paths, grid = result.save(folder, "neti", "grid.png", grid_settings)
+        if result.interrupted_at is not None:
+            captions = [f"{c} · interrupted at step {result.interrupted_at}" for c in captions]
+        references = None
+        if result.references is not None:
+            ref_paths, _ = result.references.save(folder, "reference")
+            references = Rendered(ref_paths, [f"{s['reference']} alone ({s['concepts'][0]}) · seed {s['seed']}"
+                                              for s in result.references.settings], None,
+                                  list(result.references.settings))
+        return Rendered(paths, captions, grid, list(result.settings), result.interrupted_at, references)
 
     def generate(self, prompt: str, concept_names: Sequence[str], seed: int | None, num_images: int,
-                 sampling: Sampling, truncation: int | None, alpha: float) -> Rendered:
+                 sampling: Sampling, truncation: int | None, alpha: float, progress=None) -> Rendered:
+        """`progress(done, total, text)` is called after every sampler step; `interrupt()` ends the run early."""
         seed = pick_seed(seed)
         seeds = [seed + i for i in range(max(1, int(num_images)))]
         with self._lock:
-            result = self.generator.generate(prompt, self._concepts(concept_names), seeds, sampling, truncation, alpha)
+            result = self.generator.generate(prompt, self._concepts(concept_names), seeds, sampling, truncation, alpha,
+                                             on_step=self._reporter(progress))
         k = "full" if truncation is None else truncation
         return self._write(result, [f"seed {s} · truncation {k}" for s in seeds])
 
     def sweep(self, prompt: str, concept_names: Sequence[str], seed: int | None, num_images: int,
-              sampling: Sampling, truncations: Sequence[int | None], alpha: float) -> Rendered:
+              sampling: Sampling, truncations: Sequence[int | None], alpha: float, progress=None) -> Rendered:
+        """The truncation sweep as an X/Y grid: rows truncations, columns seeds, labelled."""
         seed = pick_seed(seed)
-        seeds = [seed + i for i in range(max(1, int(num_images)))]
+        seeds = tuple(seed + i for i in range(max(1, int(num_images))))
+        return self.xy(prompt, concept_names, Axis("seed", seeds), Axis("truncation", tuple(truncations)), seed,
+                       sampling, None, alpha, progress=progress)
+
+    def xy(self, prompt: str, concept_names: Sequence[str], x: Axis, y: Axis, seed: int | None, sampling: Sampling,
+           truncation: int | None, alpha: float, mix_start: float | None = None, appearance: str | None = None,
+           geometry_layers: Sequence[str] | None = None, progress=None) -> Rendered:
+        """An X/Y grid (neti.xy); with an `appearance` concept every cell is a style mix."""
+        seed = pick_seed(seed)
+        extra = {} if geometry_layers is None else {"geometry_layers": list(geometry_layers)}
         with self._lock:
-            result = self.generator.sweep(prompt, self._concepts(concept_names), seeds, list(truncations), sampling,
-                                          alpha)
-        captions = [f"truncation {'full' if k is None else k} · seed {s}" for k in truncations for s in seeds]
-        return self._write(result, captions)
+            result = self.generator.xy(prompt, self._concepts(concept_names), x, y, seed, sampling, truncation,
+                                       alpha, mix_start, self.library.load(appearance) if appearance else None,
+                                       on_step=self._reporter(progress), **extra)
+        captions = [f"{y.name} {yl} · {x.name} {xl}" for yl in y.labels() for xl in x.labels()]
+        return self._write(result, captions, {"x": x.name, "y": y.name, "items": result.settings})
 
     def mix(self, prompt: str, geometry: str, appearance: str, seed: int | None, starts: Sequence[float],
-            geometry_layers: Sequence[str], sampling: Sampling, truncation: int | None, alpha: float) -> Rendered:
+            geometry_layers: Sequence[str], sampling: Sampling, truncation: int | None, alpha: float,
+            references: bool = False, progress=None) -> Rendered:
         if not geometry or not appearance:
             raise ValueError("choose both a geometry concept and an appearance concept")
+        if not geometry_layers:
+            raise ValueError("choose at least one geometry layer (the default: "
+                             + ", ".join(DEFAULT_GEOMETRY_LAYERS) + ")")
         seed = pick_seed(seed)
         with self._lock:
             result = self.generator.mix(prompt, self.library.load(geometry), self.library.load(appearance), [seed],
-                                        list(starts), list(geometry_layers), sampling, truncation, alpha)
+                                        list(starts), list(geometry_layers), sampling, truncation, alpha,
+                                        references, on_step=self._reporter(progress))
         return self._write(result, [f"start t={int(s)} · seed {seed}" for s in starts])
 
     def decompose(self, prompt: str, concept: str, seed: int | None, timesteps: Sequence[float],
                   sampling: Sampling, truncation: int | None = None,
-                  alpha: float = DEFAULT_BYPASS_ALPHA) -> Rendered:
+                  alpha: float = DEFAULT_BYPASS_ALPHA, progress=None) -> Rendered:
         if not concept:
             raise ValueError("choose a concept to decompose")
         seed = pick_seed(seed)
         with self._lock:
             result = self.generator.decompose(prompt, [self.library.load(concept)], seed, list(timesteps), sampling,
-                                              truncation, alpha)
+                                              truncation, alpha, on_step=self._reporter(progress))
         return self._write(result, [f"t = {int(t)} · seed {seed}" for t in timesteps])
 
     # ---- training ----------------------------------------------------------------------------------------------
     def start_training(self, images: Sequence, name: str, token: str, super_category: str,
-                       config: TrainConfig) -> TrainingSnapshot:
-        """Train a new concept in the background; it is saved to concepts/<name>.safetensors on finish or stop."""
+                       config: TrainConfig, resume: bool = False) -> TrainingSnapshot:
+        """Train a new concept in the background; it is saved to concepts/<name>.safetensors on finish or stop.
+        With `resume`, the user concept `name` continues from its latest checkpoint to `config.steps`."""
         self.training.check_idle()
         if not images:
             raise ValueError("add training images first (upload 3-10 photos, or pick a bundled example)")
         token = (token or "").strip()
         name = check_name(name or name_from_token(token))
-        out = self.library.path_for_new(name)
+        if resume:
+            out = self.library.entry(name).path
+            if self.library.entry(name).shipped:
+                raise ValueError(f"{name!r} is a shipped example concept; it cannot be trained further")
+            resumable_checkpoint(out)  # a readable error now if there is nothing to resume from
+        else:
+            out = self.library.path_for_new(name)
         owner = self.library.token_owner(token)
-        if owner is not None:
+        if owner is not None and not (resume and owner == name):
             raise ValueError(f"the token {token!r} is already used by concept {owner!r}; choose another token (two "
                              "concepts with one token cannot share a prompt), or rename or delete that concept")
         return self.training.start(self.pipe, self.model_name, images, name, token, (super_category or "").strip(),
-                                   config, out)
+                                   config, out, on_done=lambda path: self._save_thumbnail(name),
+                                   resume=out if resume else None)
+
+    def _save_thumbnail(self, name: str) -> None:
+        """The training's last preview becomes the concept's thumbnail (if it saved a concept and has previews)."""
+        snap = self.training.snapshot()
+        if snap.saved and snap.previews and snap.previews[-1][1]:
+            try:
+                self.library.save_thumbnail(name, snap.previews[-1][1][0])
+            except (ValueError, OSError) as exc:
+                logger.warning("no thumbnail for %s: %s", name, exc)
 
     # ---- concept files -----------------------------------------------------------------------------------------
     def import_official(self, mapper_path: str, embeds_path: str | None, name: str | None) -> str:
