@@ -7,6 +7,7 @@ message rather than a stack trace.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -75,32 +76,91 @@ def test_app_serves_the_page_quickly(app):
 def test_generate_returns_pngs_with_settings_and_the_seed_in_each_caption(app):
     from neti.images import read_settings
 
-    images, files = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, 0.2)
+    images, files, grid, info = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, 0.2, 32, 32)
     assert [item["caption"] for item in images] == ["seed 5 · truncation 8", "seed 6 · truncation 8"]
+    assert grid is None and info == ""  # a new result clears the last grid and selection
     settings = read_settings(files[0])
     assert settings["seed"] == 5 and settings["truncation"] == 8 and settings["concepts"] == ["<alpha>"]
-    assert Image.open(files[0]).size == (32, 32)
+    assert settings["resolved_prompt"] == "a photo of a <alpha>"
+    assert Path(files[0]).name == "neti-00-alpha-k8-a0.2-seed5.png"
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32)
+        assert image.text["parameters"].startswith("a photo of a <alpha>\nSteps: 2, Sampler: DPM++ 2M, CFG scale: "
+                                                   "7.5, Seed: 5, Size: 32x32")
+
+
+def test_width_and_height_set_the_image_size(app):
+    _, files, _, _ = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, 0.2, 48, 24)
+    assert Image.open(files[0]).size == (48, 24)
+
+
+def test_interrupt_ends_a_running_generation_with_the_images_so_far(app):
+    job = app.submit(["alpha"], "a photo of a {}", "", 1, 0, False, 100, 7.5, "dpm", 129, 0.2, 32, 32,
+                     api_name="/generate")
+    wait_for(lambda: job.status(), lambda s: job.done() or bool(s.progress_data and s.progress_data[0].index))
+    # the event above: a sampler step reported (not merely the "Generating…" before the model runs)
+    call(app, "/interrupt")
+    images, files, _, _ = job.result()
+    assert re.search(r"interrupted at step \d+$", images[0]["caption"]) and len(files) == 1
+    assert int(images[0]["caption"].rsplit(" ", 1)[1]) < 100
+
+
+def test_xy_grid_over_two_controls_is_labelled_and_every_image_carries_its_cell(app):
+    from neti.images import GRID_CELL_MIN, read_settings
+
+    grid, images, files, _ = call(app, "/xy_grid", ["alpha"], "a photo of a {}", "", 5, False, 2, 7.5, "dpm", 129,
+                                  0.2, 32, 32, "bypass strength", "0, 0.5", "truncation", "2, full")
+    assert [i["caption"] for i in images] == ["truncation 2 · bypass strength 0", "truncation 2 · bypass strength 0.5",
+                                              "truncation full · bypass strength 0",
+                                              "truncation full · bypass strength 0.5"]
+    assert read_settings(files[1])["alpha"] == 0.5 and read_settings(files[2])["truncation"] is None
+    width, height = Image.open(grid).size
+    assert width > 2 * GRID_CELL_MIN and height > 2 * GRID_CELL_MIN  # upscaled cells plus the axis labels
+    assert "out of range" in error_of(app, "/xy_grid", ["alpha"], "a photo of a {}", "", 5, False, 2, 7.5, "dpm",
+                                      129, 0.2, 32, 32, "bypass strength", "0, 3", "truncation", "2")
+
+
+def test_token_counter_and_insert_token(app):
+    assert call(app, "/count_tokens", "a photo of a {}", ["alpha"]) == "7/32 tokens"
+    assert "too long" in call(app, "/count_tokens", "a photo " * 20, [])
+    assert call(app, "/insert_token", "a photo of a", ["alpha"]) == "a photo of a <alpha>"
+    assert "select a concept first" in error_of(app, "/insert_token", "a photo", [])
 
 
 def test_random_seed_is_drawn_and_shown(app):
-    images, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, True, 2, 7.5, "dpm", 129, 0.2)
+    images, *_ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, True, 2, 7.5, "dpm", 129, 0.2, 32, 32)
     assert images[0]["caption"].startswith("seed ") and images[0]["caption"].endswith("truncation full")
 
 
 def test_sweep_grid_has_a_row_per_truncation_and_a_column_per_seed(app):
-    grid, images, files = call(app, "/sweep", ["alpha"], "a photo of a {}", *GEN.values(), "2, 16, full", 0.2)
+    from neti.images import GRID_CELL_MIN
+
+    grid, images, files, _ = call(app, "/sweep", ["alpha"], "a photo of a {}", *GEN.values(), "2, 16, full", 0.2,
+                                  32, 32)
     assert len(images) == 6 and images[0]["caption"] == "truncation 2 · seed 5"
-    assert Image.open(grid).size == (2 * 32 + 2, 3 * 32 + 4)
+    width, height = Image.open(grid).size
+    assert 2 * GRID_CELL_MIN + 2 < width < 3 * GRID_CELL_MIN and 3 * GRID_CELL_MIN + 4 < height < 4 * GRID_CELL_MIN
 
 
-def test_style_mix_and_the_strip_of_four_starts(app):
-    args = ["alpha", "beta", "a photo of a {}", "IN07 IN08 MID"]
-    mixed, _ = call(app, "/mix", *args, 700, 0, False, 2, 7.5, "dpm")
+def test_style_mix_with_its_references_and_the_strip_of_four_starts(app):
+    args = ["alpha", "beta", "a photo of a {}", ["IN07", "IN08", "MID"]]
+    mixed, refs, _, _ = call(app, "/mix", *args, 700, 0, False, 2, 7.5, "dpm")
     assert len(mixed) == 1 and mixed[0]["caption"] == "start t=700 · seed 0"
-    strip, files = call(app, "/mix_strip", *args, 0, False, 2, 7.5, "dpm")
+    assert [r["caption"] for r in refs] == ["geometry alone (<alpha>) · seed 0", "appearance alone (<beta>) · seed 0"]
+    strip, refs, files, _ = call(app, "/mix_strip", *args, 0, False, 2, 7.5, "dpm")
     assert [s["caption"].split(" · ")[0] for s in strip] == [f"start t={t}" for t in (600, 700, 800, 900)]
-    msg = error_of(app, "/mix", "alpha", "beta", "a photo of a {}", "IN99", 700, 0, False, 2, 7.5, "dpm")
-    assert "unknown layer name 'IN99'" in msg
+    assert len(refs) == 2
+    msg = error_of(app, "/mix", "alpha", "beta", "a photo of a {}", ["IN99"], 700, 0, False, 2, 7.5, "dpm")
+    assert "IN99" in msg
+    assert "at least one geometry layer" in error_of(app, "/mix", "alpha", "beta", "a photo of a {}", [], 700, 0,
+                                                     False, 2, 7.5, "dpm")
+
+
+def test_mix_xy_grid_over_start_and_seed(app):
+    grid, images, _, _ = call(app, "/mix_xy_grid", "alpha", "beta", "a photo of a {}", ["MID"], 700, 0, False, 2, 7.5,
+                              "dpm", "mix start", "300, 900", "seed", "0")
+    assert [i["caption"] for i in images] == ["seed 0 · mix start t=300", "seed 0 · mix start t=900"]
+    assert Path(grid).is_file()
 
 
 def test_decomposition_renders_one_image_per_fixed_timestep(app):
@@ -114,7 +174,7 @@ def test_concept_card_names_token_method_steps_and_size(app):
 
 
 def test_library_errors_reach_the_user_as_readable_messages(app):
-    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2)
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2, 32, 32)
     assert "does not contain the concept's token" in msg
     msg = error_of(app, "/load_model", "no-such-org/no-such-model")
     assert "could not load base model" in msg
@@ -158,7 +218,8 @@ def test_training_runs_in_the_background_refuses_a_second_job_and_saves_on_stop(
     assert status["status"] == "running" and status["preview_steps"][:2] == [0, 5]
     assert len(status["smoothed"]) == len(status["losses"]) >= 6 and status["eta_seconds"] > 0
     assert "switch the base model" in error_of(app, "/load_model", "/tmp")
-    during, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", 129, 0.2)
+    during, *_ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", 129, 0.2, 32,
+                      32)
     assert len(during) == 1  # generation runs while the training does
     call(app, "/train_stop")
     wait_for(lambda: call(app, "/train_status")["status"], lambda s: s not in ("running", "stopping"))  # the job ends
@@ -166,13 +227,14 @@ def test_training_runs_in_the_background_refuses_a_second_job_and_saves_on_stop(
     assert status["status"] == "stopped" and 6 <= status["step"] < 500
     card = call(app, "/concept_card", "trained")
     assert "<trained>" in card and f"`{status['step']}`" in card
-    images_out, _ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), 129, 0.2)
+    images_out, *_ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), 129, 0.2, 32, 32)
     assert len(images_out) == 2
 
 
 def test_rename_delete_and_shipped_concepts_are_read_only(app):
     out = call(app, "/rename", "beta", "beta-2", [], "alpha", "beta")
     assert out[0] == "Renamed 'beta' to 'beta-2'." and "beta-2" in [c[1] for c in out[4]["choices"]]
+    assert ["beta-2 · <beta> · 7 steps"] == [c[0] for c in out[4]["choices"] if c[1] == "beta-2"]
     assert (app.concepts_dir / "beta-2.safetensors").is_file() and not (app.concepts_dir / "beta.safetensors").exists()
     assert "already exists" in error_of(app, "/rename", "beta-2", "alpha", [], "alpha", "beta-2")
     assert "read-only" in error_of(app, "/delete", "shipped-one", [], "alpha", "beta-2")
@@ -250,7 +312,7 @@ def test_background_training_runs_with_the_managers_cpu_threads(tiny_pipe, tmp_p
 def test_a_message_with_a_token_comes_back_html_escaped_and_whole(app):
     import html
 
-    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2)
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2, 32, 32)
     assert "&lt;alpha&gt;" in msg and "does not contain the concept's token '<alpha>'" in html.unescape(msg)
 
 

@@ -1,9 +1,11 @@
 """The app in a real browser: headless Debian chromium driven by Playwright against `python app.py`.
 
-Uploads four of a bundled example's images through the file input, trains about 20 steps, watches loss points
-and a preview appear, stops, generates the concept at truncation 8 and at full truncation (the images must
-differ), runs a style-mix strip and a decomposition, and saves a screenshot of each tab in a temporary
-folder. Bad uploads (a text file named .png, an empty file, too many files) must each show
+Uploads four of a bundled example's images through the file input, trains about 20 steps, watches loss points,
+the progress bar and a preview appear (Start disabled, Stop enabled), reloads (the form shows the running job's
+settings), stops, picks the new concept, generates it at truncation 8 and, with Ctrl+Enter, at full truncation
+(the images must differ), opens an image's settings and reuses its seed, mixes two concepts with their
+references, runs a decomposition, deletes a concept through its confirmation, and saves a screenshot of each tab
+in a temporary folder. Bad uploads (a text file named .png, an empty file, too many files) must each show
 their message in the page. Runs on the bundled toy model when it is there, else on a tiny random model
 ($NETI_BROWSER_MODEL overrides).
 """
@@ -110,6 +112,16 @@ def set_number(page, selector: str, value) -> None:
     box.press("Enter")
 
 
+def choose(page, selector: str, text: str, replace: bool = False) -> None:
+    """Pick the option containing `text` in a dropdown (with `replace`, first remove a multiselect's last pick)."""
+    box = page.locator(f"{selector} input").first
+    box.click()
+    if replace:
+        box.press("Backspace")
+    box.fill(text)
+    page.locator("[data-testid='dropdown-option']", has_text=text).first.click()
+
+
 def wait_for_dropdown(page, selector: str, text: str) -> None:
     page.wait_for_function(f"document.querySelector('{selector} input').value.includes('{text}')")
 
@@ -156,8 +168,11 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     set_number(page, "#train-steps", 500)
     set_number(page, "#train-preview-every", 10)
     page.get_by_label("Preview prompts (one per line, {} is the concept)").fill("a photo of a {}")
+    assert page.locator("#train-stop").is_disabled() and page.locator("#train-start").is_enabled()
     page.locator("#train-start").click()
     page.wait_for_selector("#train-message :text('Started training crescent')")
+    page.wait_for_function("!document.querySelector('#train-stop').disabled")  # the event: the job runs
+    assert page.locator("#train-start").is_disabled()
     page.wait_for_function("""() => { const s = document.querySelector('#train-status').innerText;
                                       const m = s.match(/step (\\d+)\\//);
                                       return (m && +m[1] >= %d) || /: (stopped|finished|failed),/.test(s); }""" % TRAIN_STEPS,
@@ -166,47 +181,76 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     assert page.locator("#loss-plot canvas, #loss-plot svg path, #loss-plot svg .mark-symbol").count() >= 1
     status = page.locator("#train-status").inner_text()
     assert re.search(r"loss \d\.\d+ \(smoothed \d\.\d+\)", status) and "s/step" in status and "left" in status
+    assert page.locator("#train-progress progress").count() == 1 and "/500 steps" in page.inner_text("#train-progress")
+    assert page.locator("#train-latest img").count() == 1
+    assert "step 0: a photo of a <crescent>" in page.inner_text("#train-previews")  # full captions
     shot(page, shots, "train-running")
-    page.reload()  # the job runs on the server: a reloaded page reconnects to it
+    page.reload()  # the job runs on the server: a reloaded page reconnects to it, with the job's settings
     page.wait_for_selector("#train-status :text('crescent')")
     assert "running" in page.locator("#train-status").inner_text()
+    page.wait_for_function("document.querySelector('#train-preview-every input').value === '10'")
+    assert page.get_by_label("Concept name").input_value() == "crescent"
+    assert page.locator("#train-steps input").input_value() == "500"
+    page.wait_for_function("!document.querySelector('#train-stop').disabled")
     page.locator("#train-stop").click()
     page.wait_for_selector("#train-status :text('stopped')", timeout=HUNG_AFTER_S * 1000)
     assert "Saved as concept 'crescent'" in page.locator("#train-status").inner_text()
+    page.wait_for_function("document.querySelector('#train-stop').disabled && "
+                           "!document.querySelector('#train-start').disabled")
     shot(page, shots, "train")
 
-    # ---- Generate: the new concept is selected without a reload; truncation 8 vs full differ
+    # ---- Generate: the user's selection was kept; pick the new concept; truncation 8 vs full differ
     tab(page, "Generate")
-    page.wait_for_selector("#gen-concepts :text('crescent')")
+    page.wait_for_selector("#gen-concepts :text('other')")
+    choose(page, "#gen-concepts", "crescent", replace=True)
+    page.wait_for_selector("#gen-tokens :text('tokens')")
     set_number(page, "#gen-images", 1)
     set_number(page, "#gen-steps", 10)
     set_number(page, "#gen-truncation", 8)
     page.locator("#gen-button").click()
     truncated = gallery_image(page, "#gen-gallery")[0]
     set_number(page, "#gen-truncation", 129)
-    page.locator("#gen-button").click()
+    page.locator("#gen-prompt textarea").press("Control+Enter")  # Ctrl+Enter generates
     full = gallery_image(page, "#gen-gallery", previous=truncated)[0]
     assert abs(pixels(truncated) - pixels(full)).mean() > 0.5
     assert "seed 0" in page.locator("#gen-gallery").inner_text()
+    page.locator("#gen-gallery img").first.click()  # the lightbox, and the image's settings beside it
+    page.wait_for_function("document.querySelector('#gen-info textarea').value.includes('Seed: 0')")
+    info = page.locator("#gen-info textarea").input_value()
+    assert info.startswith("a photo of a <crescent> on a white background\nSteps: 10, Sampler: DPM++ 2M"), info
+    set_number(page, "#gen-seed", 7)
+    page.locator("#gen-reuse-seed").click()
+    page.wait_for_function("document.querySelector('#gen-seed input').value === '0'")
     shot(page, shots, "generate")
 
-    # ---- Style Mix: the strip of starts 600, 700, 800, 900
+    # ---- Style Mix: one mix with each concept alone beside it, the start slider in words
     tab(page, "Style Mix")
+    choose(page, "#mix-geometry", "crescent")
     wait_for_dropdown(page, "#mix-geometry", "crescent")
+    assert "Lower start: more of the geometry concept" in page.inner_text("#mix-start-text")
     set_number(page, "#mix-steps", 10)
-    page.locator("#strip-button").click()
-    assert len(gallery_image(page, "#mix-gallery", count=4)) == 4
-    assert "start t=900" in page.locator("#mix-gallery").inner_text()
+    page.locator("#mix-button").click()
+    assert len(gallery_image(page, "#mix-references", count=2)) == 2
+    assert "geometry alone (<crescent>)" in page.locator("#mix-references").inner_text()
+    assert "start t=700" in page.locator("#mix-gallery").inner_text()
     shot(page, shots, "style-mix")
 
     # ---- Explore: concept card and the per-timestep decomposition
     tab(page, "Explore")
-    wait_for_dropdown(page, "#explore-concept", "crescent")
+    choose(page, "#explore-concept", "crescent")
     page.wait_for_selector("#concept-card :text('<crescent>')")
     set_number(page, "#decompose-steps", 10)
     page.locator("#decompose-button").click()
     assert len(gallery_image(page, "#decompose-gallery", count=6)) == 6
     shot(page, shots, "explore")
+    page.locator("#delete-button").click()  # asks first
+    page.wait_for_selector("#delete-question :text('crescent')")
+    page.locator("#delete-cancel").click()
+    page.wait_for_selector("#delete-confirm", state="hidden")
+    assert "Deleted" not in page.inner_text("#manage-message")
+    page.locator("#delete-button").click()
+    page.locator("#delete-confirm").click()
+    page.wait_for_selector("#manage-message :text(\"Deleted 'crescent'\")")
 
 
 def test_a_message_naming_a_token_is_shown_whole_in_the_toast(page):
