@@ -37,6 +37,7 @@ logger = logging.getLogger("neti.app")
 FULL = DEFAULT_HIDDEN_DIM + 1  # the truncation slider's "full" position (no nested-dropout truncation)
 DEFAULT_PROMPT = "a photo of a {} on a white background"
 MIX_START_DEFAULT = 700
+LATEST_PREVIEW_PX = 256
 NO_THUMBNAIL = Image.new("RGB", (64, 64), "#e5e7eb")  # a library concept without a training preview
 # Ctrl+Enter (Cmd+Enter) in a prompt box presses that tab's main button, as in AUTOMATIC1111.
 CTRL_ENTER = """<script>
@@ -263,7 +264,17 @@ def latest_preview(snap):
     if not snap.previews or not snap.previews[-1][1]:
         return gr.Image(value=None, label="Latest preview")
     step, images = snap.previews[-1]
-    return gr.Image(value=images[0], label=f"Latest preview, {preview_caption(snap, step, 0)}")
+    image = images[0]
+    if image.width < LATEST_PREVIEW_PX:  # a toy model's 64 px preview, enlarged so that it can be seen
+        scale = -(-LATEST_PREVIEW_PX // image.width)
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return gr.Image(value=image, label=f"Latest preview, {preview_caption(snap, step, 0)}")
+
+
+def history_columns(snap) -> int:
+    """Whole preview steps per gallery row: as many as fit in about six columns."""
+    per_step = len(snap.previews[-1][1]) if snap.previews and snap.previews[-1][1] else 1
+    return per_step * max(1, 6 // per_step)
 
 
 def progress_html(snap) -> str:
@@ -293,7 +304,7 @@ def form_values(snap):
 def training_view(snap, previews_changed: bool):
     return (markdown_text(snap.summary()), progress_html(snap), loss_frame(snap),
             latest_preview(snap) if previews_changed else gr.skip(),
-            gr.Gallery(value=preview_gallery(snap), columns=max(1, len(snap.previews[-1][1]) if snap.previews else 1))
+            gr.Gallery(value=preview_gallery(snap), columns=history_columns(snap))
             if previews_changed else gr.skip(), *control_buttons(snap))
 
 
@@ -359,7 +370,8 @@ def send_to_generate(selected):
     return (gr.Tabs(selected="generate"), [n for n in names if n], selected.get("prompt", DEFAULT_PROMPT),
             selected.get("negative_prompt", ""), int(selected["seed"]), False, int(selected.get("steps", 25)),
             float(selected.get("guidance", 7.5)), selected.get("scheduler", "dpm"), FULL if k is None else int(k),
-            float(selected.get("alpha", DEFAULT_BYPASS_ALPHA)))
+            float(selected.get("alpha", DEFAULT_BYPASS_ALPHA)), selected.get("width") or gr.skip(),
+            selected.get("height") or gr.skip())
 
 
 def interrupt():
@@ -659,8 +671,8 @@ with demo:
                                             height=300, elem_id="loss-plot")
                 with gr.Column(scale=1):
                     latest = gr.Image(label="Latest preview", height=300, interactive=False, elem_id="train-latest")
-            previews = gr.Gallery(label="Preview history (newest step first; a row per step)", columns=2, height=360,
-                                  fit_columns=False, elem_id="train-previews")
+            previews = gr.Gallery(label="Preview history (newest step first, whole steps per row)", columns=6,
+                                  height=360, fit_columns=False, elem_id="train-previews")
 
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
@@ -835,7 +847,7 @@ with demo:
     gen_concepts.change(count_tokens, [prompt, gen_concepts], token_md, api_name=False, show_progress="hidden")
     insert_btn.click(add_token, [prompt, gen_concepts], prompt, api_name="insert_token")
     to_generate = [tabs, gen_concepts, prompt, negative, seed, random_seed, gen_steps, guidance, scheduler,
-                   truncation, alpha]
+                   truncation, alpha, width, height]
     for gal, results, selected, info, reuse, send, seed_box, random_box in (
             (gen_gallery, gen_results, gen_selected, gen_info, gen_reuse, gen_send, seed, random_seed),
             (mix_gallery, mix_results, mix_selected, mix_info, mix_reuse, mix_send, mix_seed, mix_random)):

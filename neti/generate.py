@@ -207,9 +207,10 @@ class Generator:
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["prompt_embeds"],
             output_type=output_type,
         )
+        size = {"width": out.images[0].width, "height": out.images[0].height} if output_type == "pil" else {}
         settings = [{**r.settings, "seed": r.seed, "steps": sampling.steps, "guidance": sampling.guidance,
                      "scheduler": sampling.scheduler, "negative_prompt": sampling.negative_prompt,
-                     "base_model": self.model_name} for r in rows]
+                     "base_model": self.model_name, **size} for r in rows]
         return Result(list(out.images), settings, interrupted_at=done[0] if done[0] < steps else None)
 
     def _settings(self, prompt: str, concepts: Sequence[Concept], truncation, alpha) -> dict:

@@ -74,6 +74,8 @@ def a1111_parameters(settings: dict, size: tuple[int, int] | None = None) -> str
     `Negative prompt:` line when there is one, and `Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 5,
     Size: 64x64, Model: ...` followed by the NeTI settings."""
     prompt = settings.get("resolved_prompt") or settings.get("prompt", "")
+    if size is None and settings.get("width") and settings.get("height"):
+        size = (settings["width"], settings["height"])
     lines = [prompt]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")

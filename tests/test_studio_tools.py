@@ -141,7 +141,7 @@ def test_interrupt_ends_the_run_after_that_step_and_decodes_what_it_has(generato
     result = generator.generate("a photo of a {}", [concept], [0], Sampling(steps=6), on_step=on_step)
     assert calls == [(1, 6), (2, 6)] and result.interrupted_at == 2 and len(result.images) == 1
     full = generator.generate("a photo of a {}", [concept], [0], Sampling(steps=6), on_step=lambda d, t: False)
-    assert full.interrupted_at is None
+    assert full.interrupted_at is None and (full.settings[0]["width"], full.settings[0]["height"]) == (32, 32)
     assert full.settings[0]["resolved_prompt"] == "a photo of a <thing>"
 
 
