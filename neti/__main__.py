@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-prompt", action="append", default=None, help="repeatable; default 'a photo of a {}'")
     p.add_argument("--preview-seed", type=int, action="append", default=None, help="repeatable; default 0 and 1")
     p.add_argument("--preview-steps", type=int, default=20, help="sampler steps of each preview")
+    p.add_argument("--clip", default=None, help="CLIPModel (hub id or local folder) that scores each preview's "
+                   "fidelity and editability (default: the bundled toy CLIP for the bundled model; none otherwise); "
+                   "the scores go to the log and to PREVIEWS/scores.json, the concept at each preview step to "
+                   "PREVIEWS/step-N.safetensors")
     p.add_argument("--resume", default=None, help="a checkpoint file, a checkpoints folder, or a finished run's "
                    "concept (with more --steps: extends the run exactly)")
     p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
@@ -200,6 +204,7 @@ def cmd_train(args) -> None:
     from .data import load_images
     from .images import make_grid, save_png
     from .models import load_pipeline
+    from .fidelity import FidelityTracker, default_judge, write_scores
     from .train import TrainConfig, Trainer, TrainingCallback, resumable_checkpoint
 
     out = Path(args.out)  # everything that can be checked is checked before the model loads
@@ -241,6 +246,17 @@ def cmd_train(args) -> None:
     pipe = load_pipeline(args.model, args.device)
     progress = Progress()
     trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress])
+    if args.preview_every:  # the concept at every preview step, and its CLIP scores when there is a CLIP
+        judge = default_judge(args.model, args.clip)
+
+        def scored(score, best):
+            line = (f"step {score.step}: image similarity {score.image_similarity:.4f}, text similarity "
+                    f"{score.text_similarity:.4f} (best trade-off so far: step {best})")
+            progress.bar.write(line) if progress.bar is not None else print(line)
+            write_scores(tracker, previews / "scores.json")
+
+        tracker = FidelityTracker(judge, [im.image for im in images], trainer.concept, previews, scored)
+        trainer.callbacks.append(tracker)
     progress.bar = tqdm(total=config.steps, desc=args.token, unit="step", disable=None)  # None: off if not a tty
     try:
         result = trainer.train(out, resume=args.resume)

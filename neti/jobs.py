@@ -1,8 +1,8 @@
 """Background training for a server: one NeTI training at a time (NeTI Sec. 4), observable while it runs.
 
 `TrainingManager` runs a `neti.train.Trainer` in a thread and keeps an immutable `TrainingSnapshot` (loss history
-raw and smoothed, speed, time left, previews from step 0, outcome) that any thread may read, so a page that
-reloads reconnects to the running job.
+raw and smoothed, speed, time left, previews from step 0, their fidelity and editability scores and the steps
+kept (`neti.fidelity`), outcome) that any thread may read, so a page that reloads reconnects to the running job.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from .fidelity import FidelityTracker, StepScore
 from .progress import format_seconds
 from .train import TrainConfig, Trainer, TrainingCallback
 
@@ -44,6 +45,10 @@ class TrainingSnapshot:
     eta_seconds: float | None = None
     previews: tuple[tuple[int, tuple], ...] = ()  # (step, images) from step 0 on
     preview_prompts: tuple[str, ...] = ()
+    scores: tuple[StepScore, ...] = ()  # fidelity and editability of each preview (empty without a CLIP)
+    best_step: int | None = None  # the best trade-off of `scores`
+    kept_steps: tuple[int, ...] = ()  # preview steps whose concept was kept (`steps_dir`), any of which can be kept
+    steps_dir: str = ""
     error: str = ""
     output_path: str = ""
     saved: bool = False  # whether the concept file was written (a run stopped before its first step writes none)
@@ -60,7 +65,8 @@ class TrainingSnapshot:
         speed = f", {self.seconds_per_step:.2f} s/step" if self.seconds_per_step else ""
         eta = f", about {format_seconds(self.eta_seconds)} left" if self.running and self.eta_seconds else ""
         loss = f", loss {self.losses[-1]:.4f} (smoothed {self.smoothed[-1]:.4f})" if self.losses else ""
-        head = f"{self.name} (`{self.token}`): {self.status}, step {self.step}/{self.total}{loss}{speed}{eta}"
+        best = f", best fidelity/editability trade-off at step {self.best_step}" if self.best_step is not None else ""
+        head = f"{self.name} (`{self.token}`): {self.status}, step {self.step}/{self.total}{loss}{speed}{eta}{best}"
         if self.status == "failed":
             return f"{head}. Error: {self.error}"
         if self.status in ("finished", "stopped"):
@@ -130,19 +136,26 @@ class TrainingManager:
                 f"{left}; wait for it or stop it first (one training at a time)")
 
     def start(self, pipe, model_name: str, images: Sequence, name: str, token: str, super_category: str,
-              config: TrainConfig, out_path: Path, on_done=None, resume: Path | None = None) -> TrainingSnapshot:
+              config: TrainConfig, out_path: Path, on_done=None, resume: Path | None = None, judge=None,
+              steps_dir: Path | None = None) -> TrainingSnapshot:
         """Build the trainer (bad token, super-category or settings raise here) and train in the background;
-        with `resume` (a checkpoint, or a concept with checkpoints) the run continues from it."""
+        with `resume` (a checkpoint, or a concept with checkpoints) the run continues from it. With previews on,
+        the concept at each preview step is kept in `steps_dir` and, with a CLIP `judge`
+        (`neti.evaluate.ClipJudge`), each preview is scored (`neti.fidelity`)."""
         with self._lock:
             self._check_idle()
             previous = self._snap
             self._snap = TrainingSnapshot(status="running", name=name, token=token, model=model_name,
                                           super_category=super_category, config=config, total=config.steps,
                                           preview_prompts=tuple(config.preview_prompts), output_path=str(out_path),
-                                          version=self._snap.version + 1)
+                                          steps_dir=str(steps_dir or ""), version=self._snap.version + 1)
             self._sps_ema = None
         try:
             trainer = Trainer(pipe, list(images), token, super_category, config, model_name, [_Recorder(self)])
+            if config.preview_every and (judge is not None or steps_dir is not None):
+                photos = [getattr(im, "image", im) for im in images]
+                trainer.callbacks.append(FidelityTracker(judge, photos, trainer.concept, steps_dir, self._record_score,
+                                                         on_kept=self._record_kept))
         except BaseException:  # bad token, super-category or settings: nothing started, keep the last job's view
             with self._lock:
                 self._snap = replace(previous, version=self._snap.version + 1)
@@ -196,6 +209,14 @@ class TrainingManager:
     def _record_preview(self, info) -> None:
         with self._lock:
             self._update(previews=self._snap.previews + ((info.step, tuple(info.images)),))
+
+    def _record_score(self, score: StepScore, best: int | None) -> None:
+        with self._lock:
+            self._update(scores=self._snap.scores + (score,), best_step=best)
+
+    def _record_kept(self, step: int) -> None:
+        with self._lock:
+            self._update(kept_steps=self._snap.kept_steps + (step,))
 
     def stop(self) -> TrainingSnapshot:
         """Ask the running training to stop after its current micro-batch; it then saves the concept."""

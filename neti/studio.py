@@ -32,6 +32,7 @@ from typing import Sequence
 from .concept import Concept, export_textual_inversion, import_official
 from .config import DEFAULT_BYPASS_ALPHA
 from .data import ImageInputError, LoadedImage, read_caption, read_image
+from .fidelity import default_judge, step_path
 from .generate import DEFAULT_GEOMETRY_LAYERS, Generator, Result, Sampling
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
 from .library import ConceptLibrary, check_name, name_from_token
@@ -163,6 +164,7 @@ class Studio:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()  # generation and model switches
         self._interrupt = threading.Event()  # set by `interrupt()`, cleared when a generation starts
+        self._judges: dict[str, object] = {}  # base model -> the CLIP that scores its training previews (or None)
         self.model_name = ""
         self.pipe = None
         self.generator: Generator | None = None
@@ -353,9 +355,33 @@ class Studio:
         if owner is not None and not (resume and owner == name):
             raise ValueError(f"the token {token!r} is already used by concept {owner!r}; choose another token (two "
                              "concepts with one token cannot share a prompt), or rename or delete that concept")
+        judge = self.judge() if config.preview_every else None
+        steps_dir = self.output_dir / "steps" / f"{name}-{uuid.uuid4().hex[:8]}" if config.preview_every else None
         return self.training.start(self.pipe, self.model_name, images, name, token, (super_category or "").strip(),
                                    config, out, on_done=lambda path: self._save_thumbnail(name),
-                                   resume=out if resume else None)
+                                   resume=out if resume else None, judge=judge, steps_dir=steps_dir)
+
+    def judge(self):
+        """The CLIP that scores training previews for the loaded model (`neti.fidelity.default_judge`), loaded
+        once; None when there is none (the fidelity/editability curve is then absent)."""
+        if self.model_name not in self._judges:
+            self._judges[self.model_name] = default_judge(self.model_name)
+        return self._judges[self.model_name]
+
+    def keep_step(self, step: int) -> str:
+        """Make the last training's concept the one it was at preview step `step`; returns the concept's name."""
+        snap = self.training.snapshot()
+        if snap.running:
+            raise ValueError(f"{snap.name} is still training; stop it or wait for it to end, then keep a step")
+        if not snap.steps_dir or int(step) not in snap.kept_steps:
+            kept = ", ".join(map(str, snap.kept_steps)) or "none (previews were off)"
+            raise ValueError(f"step {step} was not kept; the last training kept the steps: {kept}")
+        if not snap.saved and not Path(snap.output_path).is_file():
+            raise ValueError(f"the concept {snap.name!r} was not saved, so no step can replace it")
+        concept = Concept.load(step_path(snap.steps_dir, int(step)))
+        concept.save(snap.output_path)
+        logger.info("kept step %d of %s as the concept %s", step, snap.token, snap.output_path)
+        return snap.name
 
     def _save_thumbnail(self, name: str) -> None:
         """The training's last preview becomes the concept's thumbnail (if it saved a concept and has previews)."""

@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny SD-1.x-shaped pipeline (random weights, 16 cross-attention layers) saved with
-`save_pretrained` and loaded back through `neti.models.load_pipeline`, the loader real models use; an official
-NeTI checkpoint. Plain helper functions are in helpers.py."""
+`save_pretrained` and loaded back through `neti.models.load_pipeline`, the loader real models use; a tiny random
+CLIP; an official NeTI checkpoint. Plain helper functions are in helpers.py."""
 
 from __future__ import annotations
 
@@ -38,6 +38,29 @@ def generator(tiny_pipe, tiny_model_dir):
     from neti.generate import Generator
 
     return Generator(tiny_pipe, str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel + CLIPProcessor saved with `save_pretrained`, loaded as a real CLIP would be."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    from toyworld.tokenizer import build_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = build_clip_tokenizer(WORDS, folder / "vocab", max_length=16)
+    n = len(tokenizer)
+    text = CLIPTextConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=16, projection_dim=8,
+                          bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder / "clip")
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder / "clip")
+    return folder / "clip"
 
 
 @pytest.fixture()

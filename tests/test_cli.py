@@ -14,8 +14,8 @@ from neti.images import read_settings
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """A concept trained for 2 steps through the CLI, with previews and a checkpoint."""
+def trained(tiny_model_dir, clip_dir, tmp_path_factory):
+    """A concept trained for 2 steps through the CLI, with previews scored by a tiny CLIP, and a checkpoint."""
     root = tmp_path_factory.mktemp("cli")
     folder = root / "photos"
     folder.mkdir()
@@ -27,7 +27,8 @@ def trained(tiny_model_dir, tmp_path_factory):
                  "--token", "<thing>", "--init-token", "cat", "--steps", "2", "--grad-accum", "1",
                  "--checkpoint-every", "1", "--preview-every", "2", "--preview-seed", "3", "--preview-steps", "3",
                  "--crop", "random", "--flip-p", "0", "--lr-warmup-steps", "1", "--resolution", "32",
-                 "--out", str(out)])
+                 "--preview-prompt", "a photo of a {}", "--preview-prompt", "a photo of a {} on the beach",
+                 "--clip", str(clip_dir), "--out", str(out)])
     assert code == 0
     return root, out
 
@@ -36,8 +37,16 @@ def test_train_writes_the_concept_previews_and_checkpoints(trained):
     root, out = trained
     assert Concept.load(out).train_steps == 2
     previews = sorted(p.name for p in (root / "concepts" / "thing-previews").iterdir())
-    assert previews == ["step-000000.png", "step-000002.png"]
+    assert previews == ["scores.json", "step-000000.png", "step-000002.png", "step-000002.safetensors"]
     assert read_settings(root / "concepts" / "thing-previews" / "step-000002.png")["seeds"] == [3]
+    assert Concept.load(root / "concepts" / "thing-previews" / "step-000002.safetensors").train_steps == 2
+
+
+def test_train_scores_every_preview_in_its_json(trained):
+    root, _ = trained
+    scores = json.loads((root / "concepts" / "thing-previews" / "scores.json").read_text())
+    assert [s["step"] for s in scores["scores"]] == [0, 2] and scores["best_step"] == 2  # step 0 is the baseline
+    assert all(-1 <= s["image_similarity"] <= 1 and -1 <= s["text_similarity"] <= 1 for s in scores["scores"])
     assert sorted(p.name for p in (root / "concepts" / "thing-checkpoints").iterdir()) == [
         "checkpoint-000001.safetensors", "checkpoint-000002.safetensors"]  # the final step too (issue 13)
 

@@ -237,3 +237,80 @@ def test_resume_extends_a_concept_from_its_checkpoint_and_the_last_preview_becom
     assert snap.config.steps == 3
     done = studio.training.wait(600)
     assert done.status == "finished" and done.step == 3 and studio.library.load("r").train_steps == 3
+
+
+# ---- issue 14 item 1: fidelity and editability while training ----------------------------------------------------
+
+def test_best_tradeoff_normalises_both_scores_over_the_run():
+    from neti.fidelity import StepScore, best_tradeoff
+
+    scores = [StepScore(0, 0.50, 0.30), StepScore(10, 0.80, 0.28), StepScore(20, 0.82, 0.20),
+              StepScore(30, 0.83, 0.10)]
+    # normalised: image (0, .91, .97, 1), text (1, .9, .5, 0): sums 1, 1.81, 1.47, 1
+    assert best_tradeoff(scores) == 10
+    assert best_tradeoff([]) is None and best_tradeoff([StepScore(5, 0.1, 0.1)]) == 5
+
+
+class FakeJudge:
+    """Embeddings in 2-D: an image by its mean red and blue, a text by whether it says 'blue'."""
+
+    def embed_images(self, images):
+        import torch
+        import torch.nn.functional as F
+
+        return F.normalize(torch.tensor([[im.getpixel((0, 0))[0] + 1.0, im.getpixel((0, 0))[2] + 1.0]
+                                         for im in images]), dim=-1)
+
+    def embed_texts(self, texts):
+        import torch
+
+        return torch.tensor([[0.0, 1.0] if "blue" in t else [1.0, 0.0] for t in texts])
+
+
+def test_tracker_scores_fidelity_on_the_first_prompt_and_editability_on_the_others(tmp_path, tiny_pipe):
+    from neti.concept import Concept
+    from neti.fidelity import FidelityTracker, kept_steps
+    from neti.train import PreviewInfo
+
+    concept = make_concept(tiny_pipe, "<x>")
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    seen, kept = [], []
+    tracker = FidelityTracker(FakeJudge(), [red, red], concept, tmp_path / "steps",
+                              lambda score, best: seen.append((score, best)), kept.append)
+    prompts = ["a photo of a {}", "a photo of a {} on a blue background"]
+    tracker.on_preview(PreviewInfo(0, [red, blue], prompts, [0, 0]))  # untrained: the baseline, never the best
+    tracker.on_preview(PreviewInfo(10, [blue, red], prompts, [0, 0]))  # unlike the photos, ignores the edit
+    tracker.on_preview(PreviewInfo(20, [red, blue], prompts, [0, 0]))  # like the photos, follows the edit
+    (base, best0), (first, best1), (second, best2) = seen
+    assert base.image_similarity > 0.99 and best0 is None and best1 == 10
+    assert first.image_similarity < 0.01 and first.text_similarity < 0.01
+    assert second.image_similarity > 0.99 and second.text_similarity > 0.99 and best2 == 20
+    assert kept == [10, 20] and kept_steps(tmp_path / "steps") == [10, 20]  # step 0 (untrained) is not kept
+    assert Concept.load(tmp_path / "steps" / "step-000010.safetensors").train_steps == 10
+    assert tracker.to_json()["best_step"] == 20
+
+
+def test_no_clip_for_another_model_offline_means_no_curve(tmp_path):
+    from neti.fidelity import default_judge
+
+    assert default_judge(str(tmp_path / "some-model")) is None
+    assert default_judge(str(tmp_path), clip=tmp_path / "missing-clip") is None
+
+
+def test_keep_step_makes_the_concept_an_earlier_preview_step(tiny_model_dir, tmp_path):
+    from neti.data import LoadedImage
+    from neti.studio import Studio
+    from neti.train import TrainConfig
+
+    studio = Studio(str(tiny_model_dir), tmp_path / "concepts", None, device="cpu", output_dir=tmp_path / "out")
+    images = [LoadedImage(None, Image.new("RGB", (32, 32), c), None) for c in ("red", "blue", "green")]
+    studio.start_training(images, "k", "<k>", "cat", TrainConfig(steps=2, grad_accum=1, checkpoint_every=0,
+                                                                 preview_every=1, preview_steps=1))
+    done = studio.training.wait(600)
+    assert done.status == "finished" and done.kept_steps == (1, 2) and done.scores == ()  # no CLIP for this model
+    final = studio.library.load("k").mapper.state_dict()
+    assert studio.keep_step(1) == "k"
+    kept = studio.library.load("k")
+    assert kept.train_steps == 1 and any(not (kept.mapper.state_dict()[n] == v).all() for n, v in final.items())
+    with pytest.raises(ValueError, match="step 5 was not kept; the last training kept the steps: 1, 2"):
+        studio.keep_step(5)
