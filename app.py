@@ -247,6 +247,34 @@ def loss_frame(snap) -> pd.DataFrame | None:
                          "curve": pd.Series(["raw"] * len(steps) + ["smoothed"] * len(steps), dtype="object")})
 
 
+def fidelity_frame(snap) -> pd.DataFrame | None:
+    """Image similarity (fidelity) and text similarity (editability) of each preview, for the plot beside the loss."""
+    if not snap.scores:
+        return None
+    steps = [s.step for s in snap.scores]
+    return pd.DataFrame({"step": pd.Series(steps * 2, dtype="int64"),
+                         "similarity": pd.Series([s.image_similarity for s in snap.scores]
+                                                 + [s.text_similarity for s in snap.scores], dtype="float64"),
+                         "curve": pd.Series(["fidelity (image)"] * len(steps) + ["editability (text)"] * len(steps),
+                                            dtype="object")})
+
+
+def keep_choices(snap):
+    """The kept preview steps, newest first, the best trade-off marked and selected."""
+    label = lambda k: f"step {k}" + (" (best trade-off)" if k == snap.best_step else "")
+    choices = [(label(k), k) for k in reversed(snap.kept_steps)]
+    value = snap.best_step if snap.best_step in snap.kept_steps else (choices[0][1] if choices else None)
+    return gr.Dropdown(choices=choices, value=value)
+
+
+def keep_step(step):
+    with user_errors():
+        if step is None or step == "":
+            raise ValueError("choose a preview step to keep (previews must be on while training)")
+        name = studio().keep_step(int(step))
+    return f"Concept '{name}' is now its step {int(step)}."
+
+
 def preview_caption(snap, step: int, i: int) -> str:
     prompt = snap.preview_prompts[i % len(snap.preview_prompts)] if snap.preview_prompts else ""
     return f"step {step}: {prompt.replace('{}', snap.token)}"
@@ -301,8 +329,16 @@ def form_values(snap):
             "\n".join(c.preview_prompts), c.preview_every, c.seed, c.checkpoint_every, gr.skip())
 
 
-def training_view(snap, previews_changed: bool):
-    return (markdown_text(snap.summary()), progress_html(snap), loss_frame(snap),
+def seen_key(snap) -> tuple:
+    """What a page has shown of a training: (snapshot version, previews, scores and kept steps)."""
+    return snap.version, len(snap.previews), len(snap.scores) + len(snap.kept_steps)
+
+
+def training_view(snap, previews_changed: bool, scores_changed: bool = True):
+    """The training view; the previews, the fidelity plot and the kept steps only when they changed (so that a
+    step the user picked to keep is not reset at every training step)."""
+    fidelity = (fidelity_frame(snap), keep_choices(snap)) if scores_changed else (gr.skip(), gr.skip())
+    return (markdown_text(snap.summary()), progress_html(snap), loss_frame(snap), *fidelity,
             latest_preview(snap) if previews_changed else gr.skip(),
             gr.Gallery(value=preview_gallery(snap), columns=history_columns(snap))
             if previews_changed else gr.skip(), *control_buttons(snap))
@@ -312,12 +348,13 @@ def poll(seen_training: tuple, seen_library, multi, geo, app_, explore):
     """Timer tick: refresh the training view and the concept lists when (and only when) they changed."""
     snap = studio().training.snapshot()
     library = studio().library.version()
-    seen_version, seen_previews = seen_training or (-1, -1)
-    if snap.version == seen_version:
-        train_out = (gr.skip(),) * 8
+    seen_version, seen_previews, seen_scores = seen_training or (-1, -1, -1)
+    version, previews_, scores = seen_key(snap)
+    if version == seen_version:
+        train_out = (gr.skip(),) * 10
     else:  # the gallery only when a preview arrived (re-encoding the history every step would be wasted work)
         message = "" if snap.status == "failed" else gr.skip()  # no "Started training" next to the failure
-        train_out = (*training_view(snap, len(snap.previews) != seen_previews), message)
+        train_out = (*training_view(snap, previews_ != seen_previews, scores != seen_scores), message)
     if library != seen_library:
         added = [e[0] for e in library if seen_library is not None and e[0] not in {x[0] for x in seen_library}]
         if added:  # a concept just finished training or was imported: selected only where nothing was
@@ -325,7 +362,7 @@ def poll(seen_training: tuple, seen_library, multi, geo, app_, explore):
         drops = dropdown_updates(multi, geo, app_, explore)
     else:
         drops = (gr.skip(),) * 5
-    return (*train_out, *drops, (snap.version, len(snap.previews)), library)
+    return (*train_out, *drops, seen_key(snap), library)
 
 
 def training_status():
@@ -334,6 +371,8 @@ def training_status():
     return {"status": s.status, "name": s.name, "token": s.token, "step": s.step, "total": s.total,
             "losses": list(s.losses), "smoothed": list(s.smoothed), "seconds_per_step": s.seconds_per_step,
             "eta_seconds": s.eta_seconds, "preview_steps": [p[0] for p in s.previews], "error": s.error,
+            "scores": [{"step": x.step, "image_similarity": x.image_similarity, "text_similarity": x.text_similarity}
+                       for x in s.scores], "best_step": s.best_step, "kept_steps": list(s.kept_steps),
             "summary": s.summary()}
 
 
@@ -386,8 +425,8 @@ def generate(concepts, prompt, negative, num_images, seed, random_seed, steps, g
     report = reporter(progress, "Generating")
     with user_errors():
         r = studio().generate(prompt, concepts or [], seed_value(seed, random_seed), int(num_images),
-                              sampling(steps, guidance, scheduler, negative, width, height), truncation_value(truncation),
-                              float(alpha), progress=report)
+                              sampling(steps, guidance, scheduler, negative, width, height),
+                              truncation_value(truncation), float(alpha), progress=report)
     return result_outputs(r)
 
 
@@ -563,7 +602,7 @@ def on_load(multi, geo, app_, explore):
     any running job."""
     snap = studio().training.snapshot()
     return (model_status(), *dropdown_updates(multi, geo, app_, explore), layer_choices(), *size_sliders(),
-            *training_view(snap, True), *form_values(snap), (snap.version, len(snap.previews)),
+            *training_view(snap, True), *form_values(snap), seen_key(snap),
             studio().library.version())
 
 
@@ -606,7 +645,7 @@ with demo:
         model_box = gr.Textbox(label="Switch base model (hub id or local diffusers folder)", scale=2,
                                placeholder="runwayml/stable-diffusion-v1-5 or /path/to/model")
         model_btn = gr.Button("Load model", scale=0)
-    seen_training = gr.State((-1, -1))  # (snapshot version, previews) this page shows
+    seen_training = gr.State((-1, -1, -1))  # `seen_key` of the training this page shows
     seen_library = gr.State(None)
     gen_results, mix_results = gr.State([]), gr.State([])  # the settings of the images each gallery shows
     gen_selected, mix_selected = gr.State(None), gr.State(None)
@@ -669,8 +708,19 @@ with demo:
                     loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Loss (raw and smoothed)",
                                             color_map={"raw": "#9ca3af", "smoothed": "#ea580c"},
                                             height=300, elem_id="loss-plot")
+                with gr.Column(scale=2):
+                    fidelity_plot = gr.LinePlot(x="step", y="similarity", color="curve", height=300,
+                                                title="CLIP fidelity and editability of the previews",
+                                                color_map={"fidelity (image)": "#2563eb",
+                                                           "editability (text)": "#16a34a"},
+                                                elem_id="fidelity-plot")
                 with gr.Column(scale=1):
                     latest = gr.Image(label="Latest preview", height=300, interactive=False, elem_id="train-latest")
+            with gr.Row():
+                keep_dd = gr.Dropdown(label="Keep an earlier step as the concept (a copy is kept at every preview)",
+                                      choices=[], allow_custom_value=True, elem_id="keep-step", scale=2)
+                keep_btn = gr.Button("Keep this step", scale=0, elem_id="keep-step-button")
+                keep_msg = gr.Markdown(elem_id="keep-message")
             previews = gr.Gallery(label="Preview history (newest step first, whole steps per row)", columns=6,
                                   height=360, fit_columns=False, elem_id="train-previews")
 
@@ -811,7 +861,8 @@ with demo:
     pickers = drops[:4]
     TRAIN_FORM = [concept_name, token, super_category, method, steps, lr, bypass, nested, preview_prompts,
                   preview_every, seed_train, save_every, resume]
-    train_view = [train_status, train_progress, loss_plot, latest, previews, start_btn, stop_btn]
+    train_view = [train_status, train_progress, loss_plot, fidelity_plot, keep_dd, latest, previews, start_btn,
+                  stop_btn]
 
     # ---- wiring --------------------------------------------------------------------------------------------------
     demo.load(on_load, pickers, [model_md, *drops, mix_layers, width, height, *train_view, *TRAIN_FORM,
@@ -827,6 +878,7 @@ with demo:
         start_training, [uploads, *TRAIN_FORM],
         train_msg, api_name="train_start")
     stop_btn.click(stop_training, None, train_msg, api_name="train_stop")
+    keep_btn.click(keep_step, keep_dd, keep_msg, api_name="keep_step")
     timer.tick(poll, [seen_training, seen_library, *pickers],
                [*train_view, train_msg, *drops, seen_training, seen_library], show_progress="hidden",
                api_name=False)

@@ -110,7 +110,8 @@ def test_xy_grid_over_two_controls_is_labelled_and_every_image_carries_its_cell(
 
     grid, images, files, _ = call(app, "/xy_grid", ["alpha"], "a photo of a {}", "", 5, False, 2, 7.5, "dpm", 129,
                                   0.2, 32, 32, "bypass strength", "0, 0.5", "truncation", "2, full")
-    assert [i["caption"] for i in images] == ["truncation 2 · bypass strength 0", "truncation 2 · bypass strength 0.5",
+    assert [i["caption"] for i in images] == ["truncation 2 · bypass strength 0",
+                                              "truncation 2 · bypass strength 0.5",
                                               "truncation full · bypass strength 0",
                                               "truncation full · bypass strength 0.5"]
     assert read_settings(files[1])["alpha"] == 0.5 and read_settings(files[2])["truncation"] is None
@@ -227,6 +228,10 @@ def test_training_runs_in_the_background_refuses_a_second_job_and_saves_on_stop(
     assert status["status"] == "stopped" and 6 <= status["step"] < 500
     card = call(app, "/concept_card", "trained")
     assert "<trained>" in card and f"`{status['step']}`" in card
+    assert status["kept_steps"][0] == 5 and status["scores"] == []  # a concept per preview; no CLIP offline here
+    assert call(app, "/keep_step", 5) == "Concept 'trained' is now its step 5."
+    assert "`5`" in call(app, "/concept_card", "trained")
+    assert "was not kept" in error_of(app, "/keep_step", 7)
     images_out, *_ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), 129, 0.2, 32, 32)
     assert len(images_out) == 2
 

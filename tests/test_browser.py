@@ -1,8 +1,8 @@
 """The app in a real browser: headless Debian chromium driven by Playwright against `python app.py`.
 
 Uploads four of a bundled example's images through the file input, trains about 20 steps, watches loss points,
-the progress bar and a preview appear (Start disabled, Stop enabled), reloads (the form shows the running job's
-settings), stops, picks the new concept, generates it at truncation 8 and, with Ctrl+Enter, at full truncation
+the progress bar, previews and the CLIP fidelity/editability curve appear (Start disabled, Stop enabled), reloads
+(the form shows the running job's settings), stops, keeps the best trade-off step, picks the new concept, generates it at truncation 8 and, with Ctrl+Enter, at full truncation
 (the images must differ), opens an image's settings and reuses its seed, mixes two concepts with their
 references, runs a decomposition, deletes a concept through its confirmation, and saves a screenshot of each tab
 in a temporary folder. Bad uploads (a text file named .png, an empty file, too many files) must each show
@@ -167,7 +167,8 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.get_by_label("Concept name").fill("crescent")
     set_number(page, "#train-steps", 500)
     set_number(page, "#train-preview-every", 10)
-    page.get_by_label("Preview prompts (one per line, {} is the concept)").fill("a photo of a {}")
+    page.get_by_label("Preview prompts (one per line, {} is the concept)").fill(
+        "a photo of a {}\na photo of a {} on a blue background")  # fidelity, then an edit
     assert page.locator("#train-stop").is_disabled() and page.locator("#train-start").is_enabled()
     page.locator("#train-start").click()
     page.wait_for_selector("#train-message :text('Started training crescent')")
@@ -183,7 +184,9 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     assert re.search(r"loss \d\.\d+ \(smoothed \d\.\d+\)", status) and "s/step" in status and "left" in status
     assert page.locator("#train-progress progress").count() == 1 and "/500 steps" in page.inner_text("#train-progress")
     assert page.locator("#train-latest img").count() == 1
-    assert "step 0: a photo of a <crescent>" in page.inner_text("#train-previews")  # full captions
+    assert "step 0: a photo of a <crescent> on a blue background" in page.inner_text("#train-previews")
+    page.wait_for_selector("#train-status :text('best fidelity/editability trade-off at step')")  # the toy CLIP
+    assert page.locator("#fidelity-plot canvas, #fidelity-plot svg path, #fidelity-plot svg .mark-symbol").count()
     shot(page, shots, "train-running")
     page.reload()  # the job runs on the server: a reloaded page reconnects to it, with the job's settings
     page.wait_for_selector("#train-status :text('crescent')")
@@ -197,6 +200,9 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     assert "Saved as concept 'crescent'" in page.locator("#train-status").inner_text()
     page.wait_for_function("document.querySelector('#train-stop').disabled && "
                            "!document.querySelector('#train-start').disabled")
+    page.wait_for_function("document.querySelector('#keep-step input').value.startsWith('step ')")
+    page.locator("#keep-step-button").click()  # the selected step (the best trade-off) becomes the concept
+    page.wait_for_selector("#keep-message :text(\"Concept 'crescent' is now its step\")")
     shot(page, shots, "train")
 
     # ---- Generate: the user's selection was kept; pick the new concept; truncation 8 vs full differ
