@@ -306,11 +306,11 @@ class Generator:
         if references:
             geo_alone = mixer(0.0, truncation, alpha, alone="geometry")
             app_alone = mixer(0.0, truncation, alpha, alone="appearance")
-            rows += [Row(geo_alone, s, {**self._settings(prompt, [geometry], truncation, alpha),
-                                        "reference": "geometry"}) for s in seeds]
             geo_settings = self._settings(prompt, [geometry], truncation, alpha)
+            rows += [Row(geo_alone, s, {**geo_settings, "reference": "geometry"}) for s in seeds]
+            app_text = geo_settings["resolved_prompt"].replace(geometry.token, appearance.token)
             app_settings = {**geo_settings, "concepts": [appearance.token], "reference": "appearance",
-                            "resolved_prompt": geo_settings["resolved_prompt"].replace(geometry.token, appearance.token)}
+                            "resolved_prompt": app_text}
             rows += [Row(app_alone, s, app_settings) for s in seeds]
         out = self.render(rows, sampling, on_step=on_step)
         result = Result(out.images[:mixed], out.settings[:mixed], interrupted_at=out.interrupted_at)
