@@ -789,7 +789,7 @@ with demo:
                                                "concept")
                     mix_start_md = gr.Markdown(elem_id="mix-start-text")
                     with gr.Row():
-                        mix_seed = gr.Number(label="Seed", value=0, precision=0)
+                        mix_seed = gr.Number(label="Seed", value=0, precision=0, elem_id="mix-seed")
                         mix_random = gr.Checkbox(label="Random seed", value=False)
                         mix_steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps",
                                               elem_id="mix-steps")

@@ -165,6 +165,8 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.get_by_label("Token").fill("<crescent>")
     page.get_by_label("Super-category (one word)").fill("shape")
     page.get_by_label("Concept name").fill("crescent")
+    page.locator("#train-preset").get_by_text("Quick look: 100 steps").click()
+    page.wait_for_function("document.querySelector('#train-steps input').value === '100'")
     set_number(page, "#train-steps", 500)
     set_number(page, "#train-preview-every", 10)
     page.get_by_label("Preview prompts (one per line, {} is the concept)").fill(
@@ -235,14 +237,22 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     wait_for_dropdown(page, "#mix-geometry", "crescent")
     assert "Lower start: more of the geometry concept" in page.inner_text("#mix-start-text")
     set_number(page, "#mix-steps", 10)
+    set_number(page, "#mix-seed", 3)
     page.locator("#mix-button").click()
     assert len(gallery_image(page, "#mix-references", count=2)) == 2
     assert "geometry alone (<crescent>)" in page.locator("#mix-references").inner_text()
     assert "start t=700" in page.locator("#mix-gallery").inner_text()
     shot(page, shots, "style-mix")
+    page.locator("#mix-gallery img").first.click()  # its settings, then back to Generate with them
+    page.wait_for_function("document.querySelector('#mix-info textarea').value.includes('NeTI mix start: 700')")
+    page.locator("#mix-send").click()
+    page.wait_for_function("document.querySelector('#gen-seed input') && "
+                           "document.querySelector('#gen-seed input').value === '3'")
+    assert page.locator("#gen-button").is_visible()
 
     # ---- Explore: concept card and the per-timestep decomposition
     tab(page, "Explore")
+    page.wait_for_function("document.querySelectorAll('#library-gallery img').length === 2")  # crescent, other
     choose(page, "#explore-concept", "crescent")
     page.wait_for_selector("#concept-card :text('<crescent>')")
     set_number(page, "#decompose-steps", 10)
