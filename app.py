@@ -23,7 +23,7 @@ from neti.studio import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, Studio, TrainingBusy
 from neti.concept import one_line
 from neti.config import DEFAULT_BYPASS_ALPHA, DEFAULT_HIDDEN_DIM
 from neti.mapper import parse_truncations
-from neti.train import TrainConfig
+from neti.config import PreviewConfig, TrainConfig
 
 logger = logging.getLogger("neti.app")
 
@@ -77,7 +77,8 @@ def concept_choices() -> list[tuple[str, str]]:
     for e in studio().library.entries():
         try:
             concept = studio().library.load(e.name)
-            token = concept.token + ("" if studio().is_compatible(concept) else "  (made for another model)")
+            fits = concept.fits(studio().generator.token_dim, studio().generator.num_layers)
+            token = concept.token + ("" if fits else "  (made for another model)")
         except USER_ERRORS:
             token = "(unreadable file)"
         out.append((f"{e.name}  {token}{'  (shipped)' if e.shipped else ''}", e.name))
@@ -164,12 +165,12 @@ def start_training(files, name, token, super_category, method, steps, learning_r
         if method == "neti":
             ablations += [] if bypass else ["no_bypass"]
             ablations += [] if nested_dropout else ["no_nested_dropout"]
-        prompts = tuple(p.strip() for p in (preview_prompts or "").splitlines() if p.strip()) or ("a photo of a {}",)
+        prompts = tuple(p.strip() for p in (preview_prompts or "").splitlines() if p.strip()) or PreviewConfig.prompts
         config = TrainConfig(method=method, ablations=tuple(ablations), steps=int(steps),
                              learning_rate=float(learning_rate) if learning_rate else None,
-                             preview_every=int(preview_every), preview_prompts=prompts, preview_seeds=(0,),
                              seed=int(seed), checkpoint_every=0)
-        snap = studio().start_training(check.images, name, token, super_category, config)
+        snap = studio().start_training(check.images, name, token, super_category, config,
+                                       PreviewConfig(every=int(preview_every), prompts=prompts))
     for warning in snap.warnings:
         gr.Warning(toast_text(warning))
     notes = "".join(f"\n\n**Note:** {markdown_text(w)}" for w in snap.warnings)

@@ -48,6 +48,7 @@ __all__ = [
     "ImageSet",
     "LoadedImage",
     "CAPTION_CHUNK",
+    "check_image",
     "load_images",
     "read_caption",
     "read_image",
@@ -246,11 +247,11 @@ def load_images(
     images: list[LoadedImage] = []
     skipped: list[tuple[Path, str]] = []
     for path in files:
-        image, reason = read_image(path)
-        if image is None:
+        loaded, reason = check_image(path)
+        if loaded is None:
             skipped.append((path, reason))
         else:
-            images.append(LoadedImage(path=path, image=image, caption=read_caption(path)))
+            images.append(loaded)
 
     if not images:
         listing = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
@@ -364,6 +365,19 @@ def read_caption(path: str | os.PathLike) -> str | None:
         return _check_templates([caption])[0]
     except ValueError as error:
         raise ImageInputError(f"{source}: {error}") from None
+
+
+def check_image(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[LoadedImage | None, str]:
+    """One training image file, judged by its content as every caller judges it (`load_images`, the app's
+    uploads): (the image with its caption, "") or (None, the reason it cannot be used: unreadable, empty, over
+    `max_bytes`, not decodable). Raises `ImageInputError` for a decompression bomb or a malformed caption."""
+    path = Path(path)
+    if max_bytes is not None and path.is_file() and (size := path.stat().st_size) > max_bytes:
+        return None, f"{size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit per file"
+    image, reason = read_image(path)
+    if image is None:
+        return None, reason
+    return LoadedImage(path=path, image=image, caption=read_caption(path)), ""
 
 
 def read_image(path: str | os.PathLike) -> tuple[Image.Image | None, str]:

@@ -25,7 +25,7 @@ from PIL import Image
 from .attention import ensure_processors, pack
 from .concept import Concept
 from .conditioning import Encoding, TextConditioner, format_prompt
-from .config import DEFAULT_BYPASS_ALPHA
+from .config import DEFAULT_BYPASS_ALPHA, SCHEDULERS, Sampling  # noqa: F401 (re-exported)
 from .images import make_grid, save_png
 from .layers import cross_attention_layers, resolve_layer_names
 from .mapper import check_truncation
@@ -33,38 +33,9 @@ from .models import model_label
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")
 DEFAULT_DECOMPOSITION_TIMESTEPS = (999, 800, 600, 400, 200, 0)
 MIX_STRIP_STARTS = (600, 700, 800, 900)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to sample: everything but the prompt, concepts and NeTI controls."""
-
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str = "dpm"
-    negative_prompt: str = ""
-    height: int | None = None  # None: the model's resolution
-    width: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
-        if not self.guidance >= 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
 
 
 @dataclass

@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from .train import TrainConfig, Trainer, TrainingCallback
+from .config import PreviewConfig, TrainConfig
+from .previews import Previews
+from .train import Trainer, TrainingCallback
 
 logger = logging.getLogger(__name__)
 
@@ -135,17 +137,20 @@ class TrainingManager:
                 f"{left}; wait for it or stop it first (one training at a time)")
 
     def start(self, pipe, model_name: str, images: Sequence, name: str, token: str, super_category: str,
-              config: TrainConfig, out_path: Path, on_done=None) -> TrainingSnapshot:
-        """Build the trainer (bad token, super-category or settings raise here) and train in the background."""
+              config: TrainConfig, out_path: Path, on_done=None,
+              previews: PreviewConfig = PreviewConfig()) -> TrainingSnapshot:
+        """Build the trainer (bad token, super-category or settings raise here) and train in the background,
+        rendering `previews` as it goes."""
         with self._lock:
             self._check_idle()
             previous = self._snap
             self._snap = TrainingSnapshot(status="running", name=name, token=token, model=model_name, total=config.steps,
-                                          preview_prompts=tuple(config.preview_prompts), output_path=str(out_path),
+                                          preview_prompts=tuple(previews.prompts), output_path=str(out_path),
                                           version=self._snap.version + 1)
             self._sps_ema = None
         try:
-            trainer = Trainer(pipe, list(images), token, super_category, config, model_name, [_Recorder(self)])
+            callbacks = [_Recorder(self), Previews(token, previews)]
+            trainer = Trainer(pipe, list(images), token, super_category, config, model_name, callbacks)
         except BaseException:  # bad token, super-category or settings: nothing started, keep the last job's view
             with self._lock:
                 self._snap = replace(previous, version=self._snap.version + 1)

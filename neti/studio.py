@@ -1,8 +1,8 @@
 """NeTI Studio's service layer: what the Gradio app (app.py) calls, with no Gradio in it (NeTI Sec. 4-5 as a tool).
 
 - the concept library (`neti.library`) and background training (`neti.jobs`), re-exported here;
-- `check_uploads`: training uploads are accepted by content (`neti.data.load_images`), with a per-file size cap
-  and a count cap, and one readable reason per rejected file.
+- `check_uploads`: training uploads are judged by content as `neti.data.load_images` judges files
+  (`neti.data.check_image`), with a per-file size cap and a count cap, and one readable reason per rejected file.
 - `Studio`: the loaded base model and its `Generator`, model switching, and generation (generate, sweep, mix,
   decompose) writing PNGs that carry their settings (`neti.images.save_png`).
 
@@ -28,13 +28,13 @@ from typing import Sequence
 
 from .concept import Concept, export_textual_inversion, import_official
 from .config import DEFAULT_BYPASS_ALPHA
-from .data import ImageInputError, LoadedImage, read_caption, read_image
+from .data import ImageInputError, check_image
 from .generate import Generator, Result, Sampling
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
 from .library import ConceptLibrary, check_name, name_from_token
 from .models import default_model, load_pipeline, model_label
 from .paths import BUNDLED_MODEL, DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
-from .train import TrainConfig
+from .config import PreviewConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,30 +64,14 @@ def check_uploads(paths: Sequence[str | os.PathLike], max_files: int = MAX_UPLOA
     accepted, images, rejected = [], [], []
     for path in paths:
         try:
-            size = path.stat().st_size
-        except OSError as exc:
-            rejected.append((path.name, f"cannot be read ({exc.strerror or exc})"))
-            continue
-        if size > max_bytes:
-            rejected.append((path.name, f"{size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit per file"))
-            continue
-        if size == 0:
-            rejected.append((path.name, "empty file (0 bytes)"))
-            continue
-        try:
-            image, reason = read_image(path)
-        except ImageInputError as exc:  # a decompression bomb
-            image, reason = None, str(exc)
-        if image is None:
-            rejected.append((path.name, f"not usable as an image ({reason})"))
-            continue
-        try:
-            caption = read_caption(path)
-        except ImageInputError as exc:
-            rejected.append((path.name, str(exc)))
-            continue
-        accepted.append(path)
-        images.append(LoadedImage(path, image, caption))
+            loaded, reason = check_image(path, max_bytes)
+        except ImageInputError as exc:  # a decompression bomb, a malformed caption
+            loaded, reason = None, str(exc)
+        if loaded is None:
+            rejected.append((path.name, reason))
+        else:
+            accepted.append(path)
+            images.append(loaded)
     return UploadCheck(accepted, images, rejected)
 
 
@@ -162,11 +146,6 @@ class Studio:
         return (f"{model_label(self.model_name)} ({size}x{size} px, token width {pipe.text_encoder.config.hidden_size}, "
                 f"{self.generator.num_layers} cross-attention layers, {pipe.device})")
 
-    def is_compatible(self, concept: Concept) -> bool:
-        """Whether `concept` fits the loaded model (token width and number of cross-attention layers)."""
-        return (concept.config.token_dim, concept.config.num_layers) == \
-            (self.pipe.text_encoder.config.hidden_size, self.generator.num_layers)
-
     @property
     def resolution(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -221,7 +200,7 @@ class Studio:
 
     # ---- training ----------------------------------------------------------------------------------------------
     def start_training(self, images: Sequence, name: str, token: str, super_category: str,
-                       config: TrainConfig) -> TrainingSnapshot:
+                       config: TrainConfig, previews: PreviewConfig = PreviewConfig()) -> TrainingSnapshot:
         """Train a new concept in the background; it is saved to concepts/<name>.safetensors on finish or stop."""
         self.training.check_idle()
         if not images:
@@ -234,7 +213,7 @@ class Studio:
             raise ValueError(f"the token {token!r} is already used by concept {owner!r}; choose another token (two "
                              "concepts with one token cannot share a prompt), or rename or delete that concept")
         return self.training.start(self.pipe, self.model_name, images, name, token, (super_category or "").strip(),
-                                   config, out)
+                                   config, out, previews=previews)
 
     # ---- concept files -----------------------------------------------------------------------------------------
     def import_official(self, mapper_path: str, embeds_path: str | None, name: str | None) -> str:

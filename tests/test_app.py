@@ -140,7 +140,7 @@ def test_upload_check_accepts_images_by_content_and_names_each_rejected_file(app
     renamed.write_bytes((EXAMPLE / "0.png").read_bytes())
     thumbs, message = call(app, "/check_uploads", [handle_file(p) for p in (EXAMPLE / "1.png", fake, empty, renamed)])
     assert len(thumbs) == 2 and "2 image(s) ready" in message
-    assert "notes.png: not usable as an image" in message and "empty.png: empty file (0 bytes)" in message
+    assert "notes.png: not an image file Pillow can read" in message and "empty.png: empty file (0 bytes)" in message
     _, message = call(app, "/check_uploads", [handle_file(EXAMPLE / "0.png")] * 21)
     assert "21 files uploaded, but at most 20" in message
 

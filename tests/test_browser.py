@@ -135,7 +135,7 @@ def test_bad_uploads_each_show_their_message(page, tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     text = upload(page, [fake, empty, EXAMPLE / "0.png"])
-    assert "notes.png: not usable as an image" in text and "empty.png: empty file (0 bytes)" in text
+    assert "notes.png: not an image file Pillow can read" in text and "empty.png: empty file (0 bytes)" in text
     assert "1 image(s) ready" in text
     clear_uploads(page)
     many = [tmp_path / f"copy-{i}.png" for i in range(21)]

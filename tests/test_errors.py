@@ -210,7 +210,8 @@ def test_one_image_or_a_tiny_one_trains_with_a_warning_saying_what_to_expect(ws,
 
 def test_kill_9_during_training_leaves_the_last_checkpoint_loadable_and_resumable(ws, tiny_model_dir, tmp_path):
     from neti.models import load_pipeline
-    from neti.train import TrainConfig, Trainer, latest_checkpoint
+    from neti.checkpoints import latest_checkpoint
+    from neti.train import TrainConfig, Trainer
 
     out = tmp_path / "killed.safetensors"
     folder = tmp_path / "killed-checkpoints"
@@ -232,8 +233,7 @@ def test_kill_9_during_training_leaves_the_last_checkpoint_loadable_and_resumabl
     last = latest_checkpoint(folder)
     step = Concept.load(last).train_steps
     assert step >= 3
-    config = TrainConfig(steps=step + 1, batch_size=2, grad_accum=1, resolution=32, checkpoint_every=0,
-                         preview_every=0)
+    config = TrainConfig(steps=step + 1, batch_size=2, grad_accum=1, resolution=32, checkpoint_every=0)
     result = Trainer(load_pipeline(tiny_model_dir, "cpu"), [Image.open(p) for p in sorted((ws / "photos").iterdir())],
                      "<d>", "cat", config).train(out, resume=folder)
     assert result.steps_done == step + 1 and Concept.load(out).train_steps == step + 1
