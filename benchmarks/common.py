@@ -28,11 +28,9 @@ from neti.paths import REPO_ROOT
 # ---- models --------------------------------------------------------------------------------------------------
 
 def shapes() -> dict:
-    """Named SD-1.x-shaped sizes (toyworld.sd_layout): all have SD's 16 cross-attention layers."""
-    from dataclasses import replace
-
+    """Named SD-1.x-shaped sizes (neti.testing.sd_layout): all have SD's 16 cross-attention layers."""
     from toyworld.model import TOY
-    from toyworld.sd_layout import SD15
+    from neti.testing.sd_layout import SD15
 
     return {
         "toy": TOY,  # the bundled model's sizes: D = 64, 32 tokens, 64 px
@@ -44,8 +42,8 @@ def shapes() -> dict:
 
 def build_model(shape_name: str, folder: str | os.PathLike, seed: int = 0) -> Path:
     """Save a random-weight SD-shaped pipeline of the named shape to `folder` (diffusers layout)."""
-    from toyworld.sd_layout import build_pipeline
-    from toyworld.tokenizer import build_clip_tokenizer
+    from neti.testing.sd_layout import build_pipeline
+    from neti.testing.tokenizer import build_clip_tokenizer
     from toyworld.world import vocabulary
 
     folder = Path(folder)

@@ -37,8 +37,8 @@ PROMPT = "a photo of a {}"
 
 def build_sd15(device: torch.device, smoke: bool):
     """SD 1.5's architecture with random weights, built directly on `device` (the tiny test shape for --smoke)."""
-    from toyworld.sd_layout import SD15, SDShape, build_pipeline
-    from toyworld.tokenizer import build_clip_tokenizer
+    from neti.testing.sd_layout import SD15, SDShape, build_pipeline
+    from neti.testing.tokenizer import build_clip_tokenizer
     from toyworld.world import vocabulary
 
     shape = SDShape(max_tokens=16) if smoke else SD15

@@ -9,7 +9,7 @@ the median's ratio, so a busy machine slows all contenders alike. Rows (see benc
 conditioning (batched vs the official one-pair-per-call loop), training step (NeTI, XTI, TI, NeTI with the
 official per-layer conditioning), peak memory of a training step, generation (NeTI vs diffusers' plain
 `StableDiffusionPipeline`), truncation sweep (one batch vs separate calls), concept file sizes.
-The model is random-weight and SD-1.x-shaped (16 cross-attention layers), built from `toyworld.sd_layout`
+The model is random-weight and SD-1.x-shaped (16 cross-attention layers), built from `neti.testing.sd_layout`
 (`--shape toy`: the bundled model's sizes, the default; `sd15-text`: SD 1.5's text encoder, D = 768 and 77
 tokens, on the toy UNet; `sd15`: full size), or any diffusers folder / hub id given with `--model`.
 """

@@ -1,4 +1,4 @@
-"""Plain helpers the tests share (fixtures are in conftest.py): the tiny models' vocabulary, a seeded concept for
+"""Plain helpers the tests share (fixtures are in conftest.py): the tiny models' vocabularies, a seeded concept for
 a pipeline, an official NeTI checkpoint written from its format description (docs/method.md "Official checkpoint
 format"), and waiting for an event."""
 
@@ -16,6 +16,9 @@ from torch import nn
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "teapot", "object", "on", "beach", "red", "blue", "painting",
          "in", "style", "rendering", "sketch", "two", "and", "with"]
+# The app tests' tiny model: enough of the toy world's vocabulary for the prompts they write, 32 tokens.
+APP_WORDS = ["a", "photo", "of", "the", "on", "background", "shape", "object", "white", "blue", "red", "green",
+             "yellow", "black", "circle", "square", "heart", "two", "rendering", "picture"]
 
 
 def make_concept(pipe, token="<thing>", super_category="cat", method="neti", seed=1, **config):

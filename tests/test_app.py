@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app_server import build_tiny_model
-from helpers import wait_for
+from helpers import APP_WORDS, wait_for
+from neti.config import DEFAULT_BYPASS_ALPHA as ALPHA
+from neti.config import DEFAULT_HIDDEN_DIM
 from neti.paths import EXAMPLES_DIR
-from neti.testing import AppServer
+from neti.testing import AppServer, tiny_model
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 EXAMPLE = EXAMPLES_DIR / "dotted-crescent"
+FULL = DEFAULT_HIDDEN_DIM + 1  # the truncation slider's "full" position
 
 
 def tiny_concept(token: str, seed: int):
@@ -37,7 +39,7 @@ def tiny_concept(token: str, seed: int):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    model = build_tiny_model(root)
+    model = tiny_model(root, APP_WORDS, max_tokens=32)
     concepts, shipped = root / "concepts", root / "shipped"
     shipped.mkdir()
     concepts.mkdir()
@@ -75,7 +77,7 @@ def test_app_serves_the_page_quickly(app):
 def test_generate_returns_pngs_with_settings_and_the_seed_in_each_caption(app):
     from neti.images import read_settings
 
-    images, files = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, 0.2)
+    images, files = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, ALPHA)
     assert [item["caption"] for item in images] == ["seed 5 · truncation 8", "seed 6 · truncation 8"]
     settings = read_settings(files[0])
     assert settings["seed"] == 5 and settings["truncation"] == 8 and settings["concepts"] == ["<alpha>"]
@@ -83,12 +85,12 @@ def test_generate_returns_pngs_with_settings_and_the_seed_in_each_caption(app):
 
 
 def test_random_seed_is_drawn_and_shown(app):
-    images, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, True, 2, 7.5, "dpm", 129, 0.2)
+    images, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, True, 2, 7.5, "dpm", FULL, ALPHA)
     assert images[0]["caption"].startswith("seed ") and images[0]["caption"].endswith("truncation full")
 
 
 def test_sweep_grid_has_a_row_per_truncation_and_a_column_per_seed(app):
-    grid, images, files = call(app, "/sweep", ["alpha"], "a photo of a {}", *GEN.values(), "2, 16, full", 0.2)
+    grid, images, files = call(app, "/sweep", ["alpha"], "a photo of a {}", *GEN.values(), "2, 16, full", ALPHA)
     assert len(images) == 6 and images[0]["caption"] == "truncation 2 · seed 5"
     assert Image.open(grid).size == (2 * 32 + 2, 3 * 32 + 4)
 
@@ -114,7 +116,7 @@ def test_concept_card_names_token_method_steps_and_size(app):
 
 
 def test_library_errors_reach_the_user_as_readable_messages(app):
-    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2)
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), FULL, ALPHA)
     assert "does not contain the concept's token" in msg
     msg = error_of(app, "/load_model", "no-such-org/no-such-model")
     assert "could not load base model" in msg
@@ -250,7 +252,7 @@ def test_background_training_runs_with_the_managers_cpu_threads(tiny_pipe, tmp_p
 def test_a_message_with_a_token_comes_back_html_escaped_and_whole(app):
     import html
 
-    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2)
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), FULL, ALPHA)
     assert "&lt;alpha&gt;" in msg and "does not contain the concept's token '<alpha>'" in html.unescape(msg)
 
 

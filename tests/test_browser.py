@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from app_server import build_tiny_model
-from helpers import HUNG_AFTER_S, wait_for
+from helpers import APP_WORDS, HUNG_AFTER_S, wait_for
+from neti.config import DEFAULT_HIDDEN_DIM
 from neti.paths import BUNDLED_MODEL, EXAMPLES_DIR, REPO_ROOT
-from neti.testing import AppServer
+from neti.testing import AppServer, tiny_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,7 +52,8 @@ def server(tmp_path_factory):
     if os.environ.get("NETI_BROWSER_MODEL"):  # e.g. a toy-shaped folder, to time the test on another model
         model = Path(os.environ["NETI_BROWSER_MODEL"])
     else:
-        model = BUNDLED_MODEL if (BUNDLED_MODEL / "model_index.json").is_file() else build_tiny_model(root)
+        bundled = (BUNDLED_MODEL / "model_index.json").is_file()
+        model = BUNDLED_MODEL if bundled else tiny_model(root, APP_WORDS, max_tokens=32)
     shipped = root / "shipped"
     shipped.mkdir()
     random_concept(model, "<other>").save(shipped / "other.safetensors")
@@ -183,7 +184,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     set_number(page, "#gen-truncation", 8)
     page.locator("#gen-button").click()
     truncated = gallery_image(page, "#gen-gallery")[0]
-    set_number(page, "#gen-truncation", 129)
+    set_number(page, "#gen-truncation", DEFAULT_HIDDEN_DIM + 1)  # "full"
     page.locator("#gen-button").click()
     full = gallery_image(page, "#gen-gallery", previous=truncated)[0]
     assert abs(pixels(truncated) - pixels(full)).mean() > 0.5

@@ -25,7 +25,7 @@ def clip_dir(tmp_path_factory):
     """A tiny random CLIPModel + CLIPProcessor saved with `save_pretrained`, loaded as a real CLIP would be."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
-    from toyworld.tokenizer import build_clip_tokenizer
+    from neti.testing.tokenizer import build_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     tokenizer = build_clip_tokenizer(WORDS, folder / "vocab", max_length=16)
