@@ -7,7 +7,6 @@ message rather than a stack trace.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -150,25 +149,25 @@ def test_upload_check_accepts_images_by_content_and_names_each_rejected_file(app
 def test_training_runs_in_the_background_refuses_a_second_job_and_saves_on_stop(app):
     images = [handle_file(EXAMPLE / f"{i}.png") for i in range(4)]
     started = call(app, "/train_start", images, "trained", "<trained>", "shape", "NeTI", 500, None, True, True,
-                   "a photo of a {}", 5, 0)
+                   "a photo of a {}", 2, 0)
     assert "Started training trained" in started
     msg = error_of(app, "/train_start", images, "other", "<other>", "shape", "NeTI", 5, None, True, True,
                    "a photo of a {}", 0, 0)
     assert "already running" in msg and "'trained'" in msg and "/500" in msg
-    status = wait_for(lambda: call(app, "/train_status"),  # the event: step 6 and the step-5 preview (or an end)
-                      lambda s: s["status"] != "running" or (s["step"] >= 6 and 5 in s["preview_steps"]))
-    assert status["status"] == "running" and status["preview_steps"][:2] == [0, 5]
-    assert len(status["smoothed"]) == len(status["losses"]) >= 6 and status["eta_seconds"] > 0
+    status = wait_for(lambda: call(app, "/train_status"),  # the event: step 3 and the step-2 preview (or an end)
+                      lambda s: s["status"] != "running" or (s["step"] >= 3 and 2 in s["preview_steps"]))
+    assert status["status"] == "running" and status["preview_steps"][:2] == [0, 2]
+    assert len(status["smoothed"]) == len(status["losses"]) >= 3 and status["eta_seconds"] > 0
     assert "switch the base model" in error_of(app, "/load_model", "/tmp")
-    during, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", 129, 0.2)
+    during, _ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", FULL, ALPHA)
     assert len(during) == 1  # generation runs while the training does
     call(app, "/train_stop")
     wait_for(lambda: call(app, "/train_status")["status"], lambda s: s not in ("running", "stopping"))  # the job ends
     status = call(app, "/train_status")
-    assert status["status"] == "stopped" and 6 <= status["step"] < 500
+    assert status["status"] == "stopped" and 3 <= status["step"] < 500
     card = call(app, "/concept_card", "trained")
     assert "<trained>" in card and f"`{status['step']}`" in card
-    images_out, _ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), 129, 0.2)
+    images_out, _ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), FULL, ALPHA)
     assert len(images_out) == 2
 
 
@@ -280,9 +279,8 @@ def test_one_small_image_trains_with_a_warning_in_the_message(app):
                    True, True, "a photo of a {}", 0, 0)
     assert "Started training one-image" in message
     assert "only 1 training image(s): NeTI uses 3-10" in message and "(one-pixel.png is 1x1)" in message
-    while call(app, "/train_status")["status"] == "running":  # the event: the one-step run ends
-        time.sleep(0.2)
-    assert call(app, "/train_status")["status"] == "finished"
+    status = wait_for(lambda: call(app, "/train_status")["status"], lambda s: s != "running")  # the one step ends
+    assert status == "finished"
     call(app, "/delete", "one-image", [], "alpha", "alpha")
 
 

@@ -1,6 +1,6 @@
 """The app in a real browser: headless Debian chromium driven by Playwright against `python app.py`.
 
-Uploads four of a bundled example's images through the file input, trains about 20 steps, watches loss points
+Uploads four of a bundled example's images through the file input, trains a few steps, watches loss points
 and a preview appear, stops, generates the concept at truncation 8 and at full truncation (the images must
 differ), runs a style-mix strip and a decomposition, and saves a screenshot of each tab in a temporary
 folder. Bad uploads (a text file named .png, an empty file, too many files) must each show
@@ -27,7 +27,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EXAMPLE = EXAMPLES_DIR / "dotted-crescent"
-TRAIN_STEPS = 20
+TRAIN_STEPS = 3  # enough for a loss curve, a speed and a time left
+SAMPLER_STEPS = 5  # of every image the walk-through renders
 
 pytestmark = [
     pytest.mark.browser,
@@ -147,7 +148,7 @@ def test_bad_uploads_each_show_their_message(page, tmp_path):
 
 
 def test_train_watch_stop_generate_mix_and_explore(page, shots):
-    # ---- Train: four photos through the file input, ~20 steps, live loss and previews, stop
+    # ---- Train: four photos through the file input, a few steps, live loss and previews, stop
     text = upload(page, [EXAMPLE / f"{i}.png" for i in range(4)])
     assert "4 image(s) ready" in text
     assert page.locator("#train-thumbs img").count() == 4
@@ -155,14 +156,14 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.get_by_label("Super-category (one word)").fill("shape")
     page.get_by_label("Concept name").fill("crescent")
     set_number(page, "#train-steps", 500)
-    set_number(page, "#train-preview-every", 10)
+    set_number(page, "#train-preview-every", 2)
     page.get_by_label("Preview prompts (one per line, {} is the concept)").fill("a photo of a {}")
     page.locator("#train-start").click()
     page.wait_for_selector("#train-message :text('Started training crescent')")
     page.wait_for_function("""() => { const s = document.querySelector('#train-status').innerText;
                                       const m = s.match(/step (\\d+)\\//);
                                       return (m && +m[1] >= %d) || /: (stopped|finished|failed),/.test(s); }""" % TRAIN_STEPS,
-                           timeout=HUNG_AFTER_S * 1000)  # the event: step 20 (or the run's end, caught below)
+                           timeout=HUNG_AFTER_S * 1000)  # the event: step 3 (or the run's end, caught below)
     assert page.locator("#train-previews img").count() >= 1  # the step-0 preview at least
     assert page.locator("#loss-plot canvas, #loss-plot svg path, #loss-plot svg .mark-symbol").count() >= 1
     status = page.locator("#train-status").inner_text()
@@ -180,7 +181,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     tab(page, "Generate")
     page.wait_for_selector("#gen-concepts :text('crescent')")
     set_number(page, "#gen-images", 1)
-    set_number(page, "#gen-steps", 10)
+    set_number(page, "#gen-steps", SAMPLER_STEPS)
     set_number(page, "#gen-truncation", 8)
     page.locator("#gen-button").click()
     truncated = gallery_image(page, "#gen-gallery")[0]
@@ -194,7 +195,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     # ---- Style Mix: the strip of starts 600, 700, 800, 900
     tab(page, "Style Mix")
     wait_for_dropdown(page, "#mix-geometry", "crescent")
-    set_number(page, "#mix-steps", 10)
+    set_number(page, "#mix-steps", SAMPLER_STEPS)
     page.locator("#strip-button").click()
     assert len(gallery_image(page, "#mix-gallery", count=4)) == 4
     assert "start t=900" in page.locator("#mix-gallery").inner_text()
@@ -204,7 +205,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     tab(page, "Explore")
     wait_for_dropdown(page, "#explore-concept", "crescent")
     page.wait_for_selector("#concept-card :text('<crescent>')")
-    set_number(page, "#decompose-steps", 10)
+    set_number(page, "#decompose-steps", SAMPLER_STEPS)
     page.locator("#decompose-button").click()
     assert len(gallery_image(page, "#decompose-gallery", count=6)) == 6
     shot(page, shots, "explore")

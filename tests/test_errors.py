@@ -14,13 +14,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import wait_for
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
@@ -221,9 +221,9 @@ def test_kill_9_during_training_leaves_the_last_checkpoint_loadable_and_resumabl
                                                                   "--out", str(out))],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        while not (folder / "checkpoint-000003.safetensors").exists():  # the event: a third checkpoint
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.05)
+        third = folder / "checkpoint-000003.safetensors"  # the event: a third checkpoint (or the run's end)
+        wait_for(lambda: proc.poll() is not None or third.exists(), bool, interval=0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:

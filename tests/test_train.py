@@ -63,21 +63,21 @@ def test_thirty_steps_lower_the_loss_on_a_fixed_batch_and_the_concept_generates(
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_pipe, images, tmp_path):
-    """Training 10 steps equals training 5, stopping, resuming from the checkpoint and training 5 more."""
-    cfg = quick(steps=10, grad_accum=2, checkpoint_every=5)
+    """Training 6 steps equals training 3, stopping, resuming from the checkpoint and training 3 more."""
+    cfg = quick(steps=6, grad_accum=2, checkpoint_every=3)
     straight = Trainer(tiny_pipe, images, "<thing>", "cat", cfg).train(tmp_path / "a.safetensors").concept
     first = Trainer(tiny_pipe, images, "<thing>", "cat", cfg)
-    first.callbacks.append(_StopAt(first, 5))
-    assert first.train(tmp_path / "b.safetensors").steps_done == 5
+    first.callbacks.append(_StopAt(first, 3))
+    assert first.train(tmp_path / "b.safetensors").steps_done == 3
     checkpoints = sorted((tmp_path / "b-checkpoints").glob("*.safetensors"))
-    assert [p.name for p in checkpoints] == ["checkpoint-000005.safetensors"]
+    assert [p.name for p in checkpoints] == ["checkpoint-000003.safetensors"]
     resumed = Trainer(tiny_pipe, images, "<thing>", "cat", cfg)
     result = resumed.train(tmp_path / "b.safetensors", resume=tmp_path / "b-checkpoints")
-    assert result.steps_done == 10
+    assert result.steps_done == 6
     for (name, a), (_, b) in zip(straight.mapper.state_dict().items(), result.concept.mapper.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
     assert not torch.equal(straight.mapper.state_dict()["output_layer.weight"],
-                           first.concept.mapper.state_dict()["output_layer.weight"])  # 5 steps differ from 10
+                           first.concept.mapper.state_dict()["output_layer.weight"])  # 3 steps differ from 6
 
 
 class _StopAt(TrainingCallback):
