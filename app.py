@@ -15,8 +15,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, MIX_STRIP_STARTS, SCHEDULERS, \
-    Sampling
+from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, DEFAULT_MIX_START, \
+    MIX_STRIP_STARTS, SCHEDULERS, Sampling
 from neti.paths import DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
 from neti.studio import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, Studio, TrainingBusyError, check_uploads, example, \
     example_names
@@ -435,7 +435,7 @@ with demo:
                     mix_app = gr.Dropdown(label="Appearance concept", allow_custom_value=True, elem_id="mix-appearance")
                     mix_prompt = gr.Textbox(label="Prompt ({} is the concept)", value=DEFAULT_PROMPT)
                     mix_layers = gr.Textbox(label="Geometry layers", value=" ".join(DEFAULT_GEOMETRY_LAYERS))
-                    mix_start = gr.Slider(0, 1000, value=700, step=50, label="Mixing start timestep")
+                    mix_start = gr.Slider(0, 1000, value=DEFAULT_MIX_START, step=50, label="Mixing start timestep")
                     with gr.Row():
                         mix_seed = gr.Number(label="Seed", value=0, precision=0)
                         mix_random = gr.Checkbox(label="Random seed", value=False)

@@ -22,7 +22,8 @@ from .train import CheckpointInfo, PreviewInfo, StepInfo, Trainer, TrainingCallb
 
 __all__ = [
     "BUNDLED_MODEL", "CheckpointInfo", "Concept", "Generator", "ImageInputError", "MapperConfig", "NetiMapper",
-    "PreviewConfig", "PreviewInfo", "Previews", "Result", "Sampling", "StepInfo", "TrainConfig", "TrainResult", "Trainer", "TrainingCallback",
+    "PreviewConfig", "PreviewInfo", "Previews", "Result", "Sampling", "StepInfo", "TrainConfig", "TrainResult",
+    "Trainer", "TrainingCallback",
     "VectorTable", "count_parameters", "export_textual_inversion", "file_info", "import_official", "load_images",
     "load_pipeline",
 ]

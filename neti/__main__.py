@@ -53,7 +53,8 @@ def _config_args(p: argparse.ArgumentParser, cls: type, names: Sequence[str] | N
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if kind is bool:  # a switch that turns the field's default over
             flag = flag if f.default is False else "--no-" + flag[2:]
-            kwargs.update(action="store_const", const=not f.default, help=("" if f.default is False else "off: ") + text)
+            kwargs.update(action="store_const", const=not f.default,
+                          help=("" if f.default is False else "off: ") + text)
             del kwargs["metavar"]
         elif typing.get_origin(kind) is tuple and args[-1] is Ellipsis:  # repeatable
             kwargs.update(action="append", type=args[0])
@@ -103,26 +104,13 @@ def _truncation(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PreviewConfig, Sampling, TrainConfig
-    from .evaluate import EvalConfig
+    from .generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, DEFAULT_MIX_START
 
     parser = argparse.ArgumentParser(prog="python -m neti", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a concept from a few images")
-    _model_args(p)
-    p.add_argument("--images", nargs="+", required=True, help="a folder or image files")
-    p.add_argument("--token", required=True, help="new placeholder token, e.g. '<my-cat>'")
-    p.add_argument("--init-token", "--super-category", dest="super_category", default="object",
-                   help="one existing token naming the concept's category (its norm rescales the mapper output)")
-    _config_args(p, TrainConfig)
-    _config_args(p, PreviewConfig, prefix="preview_")
-    p.add_argument("--resume", default=None, help="a checkpoint file, a checkpoints folder, or a finished run's "
-                   "concept (with more --steps: extends the run exactly)")
-    p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing concept file at --out")
+    _train_parser(sub)
 
     p = sub.add_parser("generate", help="render a prompt with concepts (or a truncation sweep)")
     _model_args(p)
@@ -135,15 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--geometry", required=True)
     p.add_argument("--appearance", required=True)
-    p.add_argument("--starts", type=float, nargs="+", default=[700.0], help="mixing start timesteps")
-    p.add_argument("--geometry-layers", nargs="+", default=["IN07", "IN08", "MID"])
+    p.add_argument("--starts", type=float, nargs="+", default=[float(DEFAULT_MIX_START)],
+                   help="mixing start timesteps")
+    p.add_argument("--geometry-layers", nargs="+", default=list(DEFAULT_GEOMETRY_LAYERS))
     _sampling_args(p)
 
     p = sub.add_parser("decompose", help="per-timestep decomposition: M(t, l) at one fixed t for all steps")
     _model_args(p)
     p.add_argument("--concept", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timesteps", type=float, nargs="+", default=[999, 800, 600, 400, 200, 0])
+    p.add_argument("--timesteps", type=float, nargs="+", default=list(DEFAULT_DECOMPOSITION_TIMESTEPS))
     _sampling_args(p, seeds=False)
 
     p = sub.add_parser("import-official", help="convert an official NeTI checkpoint into a concept file")
@@ -162,6 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print a concept's metadata, parameter count and file size")
     p.add_argument("concept")
+    _eval_parser(sub)
+    return parser
+
+
+def _train_parser(sub) -> None:
+    from .config import PreviewConfig, TrainConfig
+
+    p = sub.add_parser("train", help="train a concept from a few images")
+    _model_args(p)
+    p.add_argument("--images", nargs="+", required=True, help="a folder or image files")
+    p.add_argument("--token", required=True, help="new placeholder token, e.g. '<my-cat>'")
+    p.add_argument("--init-token", "--super-category", dest="super_category", default="object",
+                   help="one existing token naming the concept's category (its norm rescales the mapper output)")
+    _config_args(p, TrainConfig)
+    _config_args(p, PreviewConfig, prefix="preview_")
+    p.add_argument("--resume", default=None, help="a checkpoint file, a checkpoints folder, or a finished run's "
+                   "concept (with more --steps: extends the run exactly)")
+    p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing concept file at --out")
+
+
+def _eval_parser(sub) -> None:
+    from .config import Sampling
+    from .evaluate import EvalConfig
 
     p = sub.add_parser("eval", help="CLIP image and text similarity of concepts (Textual Inversion's protocol)",
                        description="Render each concept on a prompt set and seeds (cached, resumable), score "
@@ -186,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, EvalConfig, ("alpha", "batch_size"))
     p.add_argument("--out", default="runs/eval", help="folder for results and the image cache (OUT/cache)")
     p.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def _quiet_libraries() -> None:

@@ -105,7 +105,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW's epsilon
     lr_warmup_steps: int = 0  # linear warm-up steps, then a constant learning rate
     templates: str = "object"  # prompt templates: 'object' for a thing, 'style' for an artistic style
-    use_captions: bool = True  # an image's own caption (a sidecar NAME.txt or PNG 'caption' chunk) replaces the random template
+    use_captions: bool = True  # an image's own caption (NAME.txt or a PNG 'caption' chunk) replaces the template
     flip_p: float = 0.5  # probability of a horizontal flip (0 for text, logos)
     crop: str = "center"  # how images are cropped square
     resolution: int | None = None  # training resolution in pixels; None: the base model's

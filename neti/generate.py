@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")
 DEFAULT_DECOMPOSITION_TIMESTEPS = (999, 800, 600, 400, 200, 0)
 MIX_STRIP_STARTS = (600, 700, 800, 900)
+DEFAULT_MIX_START = 700  # the appearance concept feeds all but the geometry layers from this timestep on
 
 
 @dataclass
@@ -222,7 +223,8 @@ class Generator:
         return result
 
     def mix(self, prompt: str, geometry: Concept, appearance: Concept, seeds: Sequence[int] = (0,),
-            starts: Sequence[float] = (700,), geometry_layers: Sequence[str] = DEFAULT_GEOMETRY_LAYERS,
+            starts: Sequence[float] = (DEFAULT_MIX_START,),
+            geometry_layers: Sequence[str] = DEFAULT_GEOMETRY_LAYERS,
             sampling: Sampling = Sampling(), truncation: int | None = None,
             alpha: float = DEFAULT_BYPASS_ALPHA) -> Result:
         """Style mixing (Fig. 20): geometry in `geometry_layers` always, and everywhere while t > start.
