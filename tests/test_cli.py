@@ -113,6 +113,7 @@ def test_bad_input_exits_2_with_a_readable_message(trained, tiny_model_dir, tmp_
     assert str(tmp_path) in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two real processes (the launcher and the CLI): CI's slow run
 def test_accelerate_launch_runs_the_training_cli(trained, tiny_model_dir, tmp_path):
     """`accelerate launch -m neti train ...` (one CPU process) trains and writes the concept."""
     import os

@@ -208,6 +208,7 @@ def test_one_image_or_a_tiny_one_trains_with_a_warning_saying_what_to_expect(ws,
     assert Concept.load(out).train_steps == 1
 
 
+@pytest.mark.slow  # a real CLI process, killed: CI's slow run
 def test_kill_9_during_training_leaves_the_last_checkpoint_loadable_and_resumable(ws, tiny_model_dir, tmp_path):
     from neti.models import load_pipeline
     from neti.checkpoints import latest_checkpoint
