@@ -134,9 +134,7 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}")
-        if not isinstance(self.templates, str) or self.templates.strip().lower() not in TEMPLATE_KINDS:
-            raise ValueError(f"Unknown template kind {self.templates!r}; use one of {sorted(TEMPLATE_KINDS)} "
-                             "('object' for a thing or a creature, 'style' for an artistic style).")
+        check_template_kind(self.templates)
         if not 0 <= self.flip_p <= 1:
             raise ValueError(f"flip_p must be a probability from 0 to 1, got {self.flip_p!r}")
         if self.crop not in CROP_MODES:
@@ -229,6 +227,15 @@ def field_help(cls: type) -> dict[str, str]:
         if match and match.group(1) in names:
             found[match.group(1)] = match.group(2).strip()
     return found
+
+
+def check_template_kind(name: str) -> str:
+    """The template kind `name` names ("object" or "style", any case), or a ValueError that says which exist."""
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key not in TEMPLATE_KINDS:
+        raise ValueError(f"Unknown template kind {name!r}; use one of {sorted(TEMPLATE_KINDS)} "
+                         "('object' for a thing or a creature, 'style' for an artistic style).")
+    return key
 
 
 def _check_positive(name: str, value: Any) -> None:

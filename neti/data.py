@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import CROP_MODES, TEMPLATE_KINDS, check_template_kind
+
 try:  # colour management needs Pillow built with LittleCMS (the default wheels are)
     from PIL import ImageCms
 except ImportError:  # pragma: no cover - depends on the Pillow build
@@ -113,13 +115,12 @@ STYLE_TEMPLATES: tuple[str, ...] = (
     "a large painting in the style of {}",
 )
 
-_TEMPLATE_KINDS: dict[str, tuple[str, ...]] = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+_TEMPLATE_KINDS: dict[str, tuple[str, ...]] = dict(zip(TEMPLATE_KINDS, (OBJECT_TEMPLATES, STYLE_TEMPLATES)))
 
 # Extensions picked up when `load_images` is given a folder (compared case-insensitively). Files passed
 # explicitly in a list are read whatever their extension: their content decides.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
-CROP_MODES: tuple[str, ...] = ("center", "random")
 
 # NeTI and Textual Inversion use 3-10 images; above this many, warn that training needs more steps.
 FEW_IMAGES = 3  # NeTI uses 3-10 images
@@ -199,13 +200,7 @@ def image_warnings(images: Sequence[Image.Image | LoadedImage], resolution: int)
 
 def template_kind(name: str) -> tuple[str, ...]:
     """Return the prompt templates for a learnable property: "object" or "style"."""
-    key = name.strip().lower() if isinstance(name, str) else None
-    if key not in _TEMPLATE_KINDS:
-        raise ValueError(
-            f"Unknown template kind {name!r}; use one of {sorted(_TEMPLATE_KINDS)} "
-            "('object' for a thing or a creature, 'style' for an artistic style)."
-        )
-    return _TEMPLATE_KINDS[key]
+    return _TEMPLATE_KINDS[check_template_kind(name)]
 
 
 # --------------------------------------------------------------------------------------------------------------
