@@ -17,8 +17,8 @@ import pandas as pd
 
 from PIL import Image
 
-from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, MIX_LAYER_LEGEND, \
-    MIX_STRIP_STARTS, SCHEDULERS, Sampling, describe_mix_start
+from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, DEFAULT_MIX_START, \
+    MIX_LAYER_LEGEND, MIX_STRIP_STARTS, SCHEDULERS, Sampling, describe_mix_start
 from neti.images import a1111_parameters
 from neti.layers import SD_LAYER_NAMES
 from neti.paths import DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
@@ -29,14 +29,13 @@ from neti.studio import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, TRAINING_PRESETS, St
 from neti.concept import one_line
 from neti.config import DEFAULT_BYPASS_ALPHA, DEFAULT_HIDDEN_DIM
 from neti.mapper import parse_truncations
-from neti.train import TrainConfig
+from neti.config import PreviewConfig, TrainConfig
 from neti.xy import AXES, parse_axis
 
 logger = logging.getLogger("neti.app")
 
 FULL = DEFAULT_HIDDEN_DIM + 1  # the truncation slider's "full" position (no nested-dropout truncation)
 DEFAULT_PROMPT = "a photo of a {} on a white background"
-MIX_START_DEFAULT = 700
 LATEST_PREVIEW_PX = 256
 NO_THUMBNAIL = Image.new("RGB", (64, 64), "#e5e7eb")  # a library concept without a training preview
 # Ctrl+Enter (Cmd+Enter) in a prompt box presses that tab's main button, as in AUTOMATIC1111.
@@ -220,12 +219,12 @@ def start_training(files, name, token, super_category, method, steps, learning_r
         if method == "neti":
             ablations += [] if bypass else ["no_bypass"]
             ablations += [] if nested_dropout else ["no_nested_dropout"]
-        prompts = tuple(p.strip() for p in (preview_prompts or "").splitlines() if p.strip()) or ("a photo of a {}",)
+        prompts = tuple(p.strip() for p in (preview_prompts or "").splitlines() if p.strip()) or PreviewConfig.prompts
         config = TrainConfig(method=method, ablations=tuple(ablations), steps=int(steps),
                              learning_rate=float(learning_rate) if learning_rate else None,
-                             preview_every=int(preview_every), preview_prompts=prompts, preview_seeds=(0,),
                              seed=int(seed), checkpoint_every=int(save_every or 0))
-        snap = studio().start_training(check.images, name, token, super_category, config, bool(resume))
+        snap = studio().start_training(check.images, name, token, super_category, config,
+                                       PreviewConfig(every=int(preview_every), prompts=prompts), bool(resume))
     for warning in snap.warnings:
         gr.Warning(toast_text(warning))
     notes = "".join(f"\n\n**Note:** {markdown_text(w)}" for w in snap.warnings)
@@ -321,12 +320,12 @@ def control_buttons(snap):
 
 def form_values(snap):
     """The training form as the running job was started, so that a reloaded page shows its settings."""
-    c = snap.config
-    if not snap.running or c is None:
+    c, p = snap.config, snap.preview_config
+    if not snap.running or c is None or p is None:
         return (gr.skip(),) * len(TRAIN_FORM)
     return (snap.name, snap.token, snap.super_category, c.method.upper() if c.method != "neti" else "NeTI", c.steps,
             c.learning_rate or 0, "no_bypass" not in c.ablations, "no_nested_dropout" not in c.ablations,
-            "\n".join(c.preview_prompts), c.preview_every, c.seed, c.checkpoint_every, gr.skip())
+            "\n".join(p.prompts), p.every, c.seed, c.checkpoint_every, gr.skip())
 
 
 def seen_key(snap) -> tuple:
@@ -783,7 +782,7 @@ with demo:
                     mix_layers = gr.CheckboxGroup(SD_LAYER_NAMES, value=list(DEFAULT_GEOMETRY_LAYERS),
                                                   label="Geometry layers (always fed the geometry concept)",
                                                   elem_id="mix-layers", info=MIX_LAYER_LEGEND)
-                    mix_start = gr.Slider(0, 1000, value=MIX_START_DEFAULT, step=50, label="Mixing start timestep",
+                    mix_start = gr.Slider(0, 1000, value=DEFAULT_MIX_START, step=50, label="Mixing start timestep",
                                           elem_id="mix-start",
                                           info="Lower: more of the geometry concept; higher: more of the appearance "
                                                "concept")

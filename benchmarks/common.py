@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,17 +21,16 @@ from typing import Callable, Sequence
 import torch
 
 from neti.conditioning import Encoding, TextConditioner, TokenizedPrompt
+from neti.config import DEFAULT_BYPASS_ALPHA
 from neti.paths import REPO_ROOT
 
 
 # ---- models --------------------------------------------------------------------------------------------------
 
 def shapes() -> dict:
-    """Named SD-1.x-shaped sizes (toyworld.sd_layout): all have SD's 16 cross-attention layers."""
-    from dataclasses import replace
-
+    """Named SD-1.x-shaped sizes (neti.testing.sd_layout): all have SD's 16 cross-attention layers."""
     from toyworld.model import TOY
-    from toyworld.sd_layout import SD15
+    from neti.testing.sd_layout import SD15
 
     return {
         "toy": TOY,  # the bundled model's sizes: D = 64, 32 tokens, 64 px
@@ -42,8 +42,8 @@ def shapes() -> dict:
 
 def build_model(shape_name: str, folder: str | os.PathLike, seed: int = 0) -> Path:
     """Save a random-weight SD-shaped pipeline of the named shape to `folder` (diffusers layout)."""
-    from toyworld.sd_layout import build_pipeline
-    from toyworld.tokenizer import build_clip_tokenizer
+    from neti.testing.sd_layout import build_pipeline
+    from neti.testing.tokenizer import build_clip_tokenizer
     from toyworld.world import vocabulary
 
     folder = Path(folder)
@@ -62,31 +62,42 @@ def make_concept(pipe, method: str = "neti", token: str = "<bench>", super_categ
                  use_bypass: bool = True, seed: int = 1, token_dim: int | None = None, num_layers: int | None = None):
     """A concept with random (seeded) weights for `pipe` (or for a given D and L without a pipe)."""
     from neti.concept import Concept
-    from neti.conditioning import super_category_id
     from neti.config import MapperConfig
-    from neti.layers import cross_attention_layers
 
+    config = MapperConfig(method=method, use_bypass=use_bypass, seed=seed)
     if pipe is not None:
-        layers = [x.name for x in cross_attention_layers(pipe.unet)]
-        emb = pipe.text_encoder.get_input_embeddings().weight[super_category_id(pipe.tokenizer, super_category)]
-        emb = emb.detach().float().cpu()
-        token_dim = pipe.text_encoder.config.hidden_size
-    else:
-        layers = [f"L{i}" for i in range(num_layers)]
-        emb = torch.randn(token_dim, generator=torch.Generator().manual_seed(seed))
-    cfg = MapperConfig(method=method, token_dim=token_dim, num_layers=len(layers), target_norm=float(emb.norm()),
-                       use_bypass=use_bypass, seed=seed)
-    concept = Concept(token, super_category, cfg, layers, "benchmark")
+        return Concept.for_pipeline(pipe, token, super_category, config, "benchmark").eval()
+    emb = torch.randn(token_dim, generator=torch.Generator().manual_seed(seed))
+    config = replace(config, token_dim=token_dim, num_layers=num_layers, target_norm=float(emb.norm()))
+    concept = Concept(token, super_category, config, [f"L{i}" for i in range(num_layers)], "benchmark")
     if method != "neti":
         concept.mapper.initialize(emb)
     return concept.eval()
+
+
+def per_layer_trainer():
+    """`neti.train.Trainer` with the official code's conditioning: one text-encoder pass per layer (the baseline
+    that the trainer's one batched pass over all layers is measured against)."""
+    from neti.attention import pack
+    from neti.train import Trainer
+
+    class PerLayerTrainer(Trainer):
+        def encoder_states(self, prompts, timesteps, truncation=None):
+            tokenized = [self.conditioner.tokenize(p, [self.concept.token]) for p in prompts]
+            batch, concepts = len(prompts), {self.concept.token: self.model}
+            parts = [self.conditioner.encode_rows(tokenized, torch.arange(batch), timesteps.float(),
+                                                  torch.full((batch,), float(l)), concepts, truncation)
+                     for l in range(len(self.layers))]
+            return pack(torch.stack([p.keys for p in parts], dim=1), torch.stack([p.values for p in parts], dim=1))
+
+    return PerLayerTrainer
 
 
 # ---- the official conditioning loop --------------------------------------------------------------------------
 
 def official_loop_encoding(conditioner: TextConditioner, prompt: TokenizedPrompt, concepts: dict,
                            timesteps: Sequence[float], num_layers: int, truncation: int | None = None,
-                           alpha: float = 0.2) -> Encoding:
+                           alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
     """All (t, l) encodings as the official code computes them: one text-encoder call per pair, batch 1."""
     keys, values = [], []
     one = torch.zeros(1, dtype=torch.long)

@@ -4,7 +4,7 @@
     python -m benchmarks.gpu --smoke    # a tiny shape on the CPU, to check the script itself
 
 Measures, for NeTI (all layers' conditioning in one batched text-encoder pass) and for the official per-layer
-conditioning loop (NeTI Sec. 4; `TrainConfig(per_layer_conditioning=True)` in training, one text-encoder call per
+conditioning loop (NeTI Sec. 4; `common.per_layer_trainer()` in training, one text-encoder call per
 (t, l) pair at inference):
 - training: optimisation steps per second and peak GPU memory, paper settings (batch 2, accumulation 4, 512 px),
   in fp32 and in fp16 (frozen model in fp16, autocast; bf16 on the CPU) with and without gradient checkpointing;
@@ -29,15 +29,16 @@ import torch
 
 from neti.paths import REPO_ROOT
 
-from .common import choose_threads, environment, make_concept, median, official_loop_encoding, side_by_side
+from .common import (choose_threads, environment, make_concept, median, official_loop_encoding, per_layer_trainer,
+                     side_by_side)
 
 PROMPT = "a photo of a {}"
 
 
 def build_sd15(device: torch.device, smoke: bool):
     """SD 1.5's architecture with random weights, built directly on `device` (the tiny test shape for --smoke)."""
-    from toyworld.sd_layout import SD15, SDShape, build_pipeline
-    from toyworld.tokenizer import build_clip_tokenizer
+    from neti.testing.sd_layout import SD15, SDShape, build_pipeline
+    from neti.testing.tokenizer import build_clip_tokenizer
     from toyworld.world import vocabulary
 
     shape = SDShape(max_tokens=16) if smoke else SD15
@@ -105,10 +106,10 @@ def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: fl
                 _fresh_accelerator_state()
                 config = TrainConfig(steps=1 + args.train_steps, batch_size=2, grad_accum=args.grad_accum,
                                      checkpoint_every=0, mixed_precision="no" if precision == "fp32" else precision,
-                                     gradient_checkpointing=checkpointing,
-                                     per_layer_conditioning=variant == "NeTI per-layer")
+                                     gradient_checkpointing=checkpointing)
                 probe = Steps()
-                trainer = Trainer(pipe, images, "<bench>", "shape", config, "random SD 1.5 shape", [probe])
+                trainer_cls = per_layer_trainer() if variant == "NeTI per-layer" else Trainer
+                trainer = trainer_cls(pipe, images, "<bench>", "shape", config, "random SD 1.5 shape", [probe])
                 before = [p.detach().clone() for p in trainer.concept.parameters()]
                 row = dict(variant=variant, precision=precision, gradient_checkpointing=checkpointing,
                            batch_size=2, grad_accum=args.grad_accum, resolution=res)

@@ -9,7 +9,7 @@ the median's ratio, so a busy machine slows all contenders alike. Rows (see benc
 conditioning (batched vs the official one-pair-per-call loop), training step (NeTI, XTI, TI, NeTI with the
 official per-layer conditioning), peak memory of a training step, generation (NeTI vs diffusers' plain
 `StableDiffusionPipeline`), truncation sweep (one batch vs separate calls), concept file sizes.
-The model is random-weight and SD-1.x-shaped (16 cross-attention layers), built from `toyworld.sd_layout`
+The model is random-weight and SD-1.x-shaped (16 cross-attention layers), built from `neti.testing.sd_layout`
 (`--shape toy`: the bundled model's sizes, the default; `sd15-text`: SD 1.5's text encoder, D = 768 and 77
 tokens, on the toy UNet; `sd15`: full size), or any diffusers folder / hub id given with `--model`.
 """
@@ -30,7 +30,7 @@ import torch
 from neti.paths import REPO_ROOT
 
 from .common import (PeakMemory, build_model, choose_threads, environment, make_concept, mb, median,
-                     official_loop_encoding, shapes, side_by_side)
+                     official_loop_encoding, per_layer_trainer, shapes, side_by_side)
 
 PROMPT = "a photo of a {}"
 SWEEP = (2, 8, 32, None)
@@ -107,8 +107,9 @@ def bench_training(pipe, model_name: str, table: Table, args, tmp: Path) -> None
     from PIL import Image
 
     images = [Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for _ in range(4)]
-    contenders = {"NeTI": dict(method="neti"), "XTI": dict(method="xti"), "TI": dict(method="ti"),
-                  "NeTI per-layer": dict(method="neti", per_layer_conditioning=True)}
+    per_layer = per_layer_trainer()
+    contenders = {"NeTI": (Trainer, "neti"), "XTI": (Trainer, "xti"), "TI": (Trainer, "ti"),
+                  "NeTI per-layer": (per_layer, "neti")}
 
     class StepTimes(TrainingCallback):
         def __init__(self):
@@ -118,18 +119,19 @@ def bench_training(pipe, model_name: str, table: Table, args, tmp: Path) -> None
             if info.step >= 2:  # step 1 warms up (optimiser state, autograd buffers)
                 self.seconds.append(info.seconds_per_step)
 
-    def timed_steps(kwargs):
+    def timed_steps(trainer_cls, method):
         # a fresh trainer per round; its steps after the first are timed
         config = TrainConfig(steps=1 + args.train_steps, batch_size=2, grad_accum=args.grad_accum,
-                             checkpoint_every=0, **kwargs)
+                             checkpoint_every=0, method=method)
         probe = StepTimes()
-        Trainer(pipe, images, "<bench>", args.super_category, config, model_name, [probe]).train(tmp / "t.safetensors")
+        trainer_cls(pipe, images, "<bench>", args.super_category, config, model_name, [probe]).train(
+            tmp / "t.safetensors")
         return probe.seconds
 
     times = {name: [] for name in contenders}
     for _ in range(args.train_rounds):  # interleaved rounds, so a busy spell slows every method alike
-        for name, kwargs in contenders.items():
-            times[name].extend(timed_steps(kwargs))
+        for name, (trainer_cls, method) in contenders.items():
+            times[name].extend(timed_steps(trainer_cls, method))
     med = {k: median(v) for k, v in times.items()}
     micro = f"batch 2 x accumulation {args.grad_accum}"
     for name in contenders:
@@ -141,9 +143,10 @@ def bench_training(pipe, model_name: str, table: Table, args, tmp: Path) -> None
 
     if args.skip_memory:
         return
-    for name, kwargs in contenders.items():  # one step each, after the timings (memory mode slows allocation)
-        config = TrainConfig(steps=1, batch_size=2, grad_accum=args.grad_accum, checkpoint_every=0, **kwargs)
-        trainer = Trainer(pipe, images, "<bench>", args.super_category, config, model_name)
+    for name, (trainer_cls, method) in contenders.items():  # one step each, after the timings (memory mode slows
+        config = TrainConfig(steps=1, batch_size=2, grad_accum=args.grad_accum, checkpoint_every=0,  # allocation)
+                             method=method)
+        trainer = trainer_cls(pipe, images, "<bench>", args.super_category, config, model_name)
         with PeakMemory(args.device) as peak:
             trainer.train(tmp / "m.safetensors")
         table.add("peak memory", f"training step, {name} ({micro})", mb(peak.peak_bytes),

@@ -4,23 +4,26 @@
 The public API, re-exported from the modules that implement each idea:
 - `Concept`: a learned concept (mapper + token + config), saved as one safetensors file (concept.py);
 - `Generator`, `Sampling`: generation with truncation, bypass strength, sweeps, decomposition, style mixing;
-- `Trainer`, `TrainConfig`, `TrainingCallback`: training NeTI, XTI or TI concepts (train.py);
+- `Trainer`, `TrainConfig`, `TrainingCallback`: training NeTI, XTI or TI concepts (train.py), with `Previews`
+  (previews.py, set by `PreviewConfig`) rendering the concept as it trains;
 - `load_pipeline`: base models by hub id or local folder, the bundled toy model by default (models.py);
 - `load_images`: training images from a folder or files (data.py).
 """
 
 from .concept import Concept, export_textual_inversion, file_info, import_official
-from .config import MapperConfig
+from .config import MapperConfig, PreviewConfig, TrainConfig
 from .data import ImageInputError, load_images
 from .generate import Generator, Result, Sampling
 from .mapper import NetiMapper, VectorTable, count_parameters
 from .models import load_pipeline
 from .paths import BUNDLED_MODEL
-from .train import CheckpointInfo, PreviewInfo, StepInfo, TrainConfig, Trainer, TrainingCallback, TrainResult
+from .previews import Previews
+from .train import CheckpointInfo, PreviewInfo, StepInfo, Trainer, TrainingCallback, TrainResult
 
 __all__ = [
     "BUNDLED_MODEL", "CheckpointInfo", "Concept", "Generator", "ImageInputError", "MapperConfig", "NetiMapper",
-    "PreviewInfo", "Result", "Sampling", "StepInfo", "TrainConfig", "TrainResult", "Trainer", "TrainingCallback",
+    "PreviewConfig", "PreviewInfo", "Previews", "Result", "Sampling", "StepInfo", "TrainConfig", "TrainResult",
+    "Trainer", "TrainingCallback",
     "VectorTable", "count_parameters", "export_textual_inversion", "file_info", "import_official", "load_images",
     "load_pipeline",
 ]

@@ -11,11 +11,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 logger = logging.getLogger("neti")
 
@@ -27,91 +29,110 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
+# Option names that differ from their config field's name (repeatable tuple fields take one value per use).
+_OPTION_NAMES = {"learning_rate": "lr", "use_captions": "captions", "ablations": "ablation", "prompts": "prompt",
+                 "seeds": "seed"}
+
+
+def _config_args(p: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None, prefix: str = "") -> None:
+    """One option per field of the config dataclass `cls` (or the fields `names`): the field's comment is the help,
+    its default and choices come from neti/config.py. Unset options keep the dataclass's default."""
+    import typing
+
+    from .config import FIELD_CHOICES, field_help
+
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        kind, name = hints[f.name], prefix + _OPTION_NAMES.get(f.name, f.name)
+        flag, text = "--" + name.replace("_", "-"), helps.get(f.name, "")
+        default = "" if f.default in (None, "") else f" (default: {', '.join(map(str, f.default)) or 'none'})" \
+            if isinstance(f.default, tuple) else f" (default: {f.default})"
+        kwargs: dict = dict(dest=prefix + f.name, default=None, help=text + default, metavar=name.upper())
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if kind is bool:  # a switch that turns the field's default over
+            flag = flag if f.default is False else "--no-" + flag[2:]
+            kwargs.update(action="store_const", const=not f.default,
+                          help=("" if f.default is False else "off: ") + text)
+            del kwargs["metavar"]
+        elif typing.get_origin(kind) is tuple and args[-1] is Ellipsis:  # repeatable
+            kwargs.update(action="append", type=args[0])
+        elif typing.get_origin(kind) is tuple:
+            kwargs.update(nargs=len(args), type=args[0])
+        else:
+            kwargs.update(type=args[0] if args else kind)
+        if f.name in FIELD_CHOICES:
+            kwargs.update(choices=FIELD_CHOICES[f.name], metavar=None)
+        p.add_argument(flag, **kwargs)
+
+
+def _config(cls: type, args: argparse.Namespace, names: Sequence[str] | None = None, prefix: str = "", **given):
+    """`cls` built from the options `_config_args` added (unset ones keep their defaults) and `given` values."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, prefix + f.name, None) if names is None or f.name in names else None
+        if value is not None:
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**{**values, **given})
+
+
 def _sampling_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
-    from .config import DEFAULT_BYPASS_ALPHA, DEFAULT_HIDDEN_DIM
-    from .generate import SCHEDULERS
+    from .config import DEFAULT_BYPASS_ALPHA, DEFAULT_HIDDEN_DIM, Sampling
 
     p.add_argument("--prompt", required=True, help="prompt with {} (or the concept's token) for the concept")
-    p.add_argument("--negative-prompt", default="")
     if seeds:
         p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--truncation", type=int, default=None,
-                   help=f"nested-dropout truncation k in 1..{DEFAULT_HIDDEN_DIM}")
+    _config_args(p, Sampling)
+    p.add_argument("--truncation", type=_truncation, default=None,
+                   help=f"nested-dropout truncation k in 1..{DEFAULT_HIDDEN_DIM}, or 'full' (default: full)")
     p.add_argument("--alpha", type=float, default=DEFAULT_BYPASS_ALPHA, help="textual-bypass strength (0 = off)")
     p.add_argument("--out", default="outputs", help="folder for the PNGs")
 
 
+def _truncation(text: str) -> int | None:
+    """One truncation value, as `neti.mapper.parse_truncations` reads it."""
+    from .mapper import parse_truncations
+
+    try:
+        values = parse_truncations(text)
+    except ValueError as exc:  # argparse shows this message, not a generic "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"give one truncation value, got {text!r}")
+    return values[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_BYPASS_ALPHA
+    from .generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, DEFAULT_MIX_START
 
     parser = argparse.ArgumentParser(prog="python -m neti", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a concept from a few images")
-    _model_args(p)
-    p.add_argument("--images", nargs="+", required=True, help="a folder or image files")
-    p.add_argument("--token", required=True, help="new placeholder token, e.g. '<my-cat>'")
-    p.add_argument("--init-token", "--super-category", dest="super_category", default="object",
-                   help="one existing token naming the concept's category (its norm rescales the mapper output)")
-    p.add_argument("--method", choices=["neti", "xti", "ti"], default="neti")
-    p.add_argument("--ablation", action="append", default=[], help="no_positional_encoding, no_nested_dropout, "
-                   "no_bypass, no_rescaling, time_only, space_only (repeatable)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default per method, then scaled)")
-    p.add_argument("--no-scale-lr", action="store_true", help="do not multiply lr by batch x accumulation")
-    p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
-    p.add_argument("--templates", choices=["object", "style"], default="object")
-    p.add_argument("--no-captions", action="store_true", help="ignore the images' own captions (a sidecar "
-                   "NAME.txt or PNG 'caption' chunk, e.g. 'a {} on a white background'): random templates only")
-    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
-    p.add_argument("--crop", choices=["center", "random"], default="center", help="how images are cropped square")
-    p.add_argument("--flip-p", type=float, default=0.5, help="probability of a horizontal flip (0 for text, logos)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--keep-checkpoints", type=int, default=3)
-    p.add_argument("--preview-every", type=int, default=0, help="steps between preview grids (0: none)")
-    p.add_argument("--preview-prompt", action="append", default=None, help="repeatable; default 'a photo of a {}'")
-    p.add_argument("--preview-seed", type=int, action="append", default=None, help="repeatable; default 0 and 1")
-    p.add_argument("--preview-steps", type=int, default=20, help="sampler steps of each preview")
-    p.add_argument("--clip", default=None, help="CLIPModel (hub id or local folder) that scores each preview's "
-                   "fidelity and editability (default: the bundled toy CLIP for the bundled model; none otherwise); "
-                   "the scores go to the log and to PREVIEWS/scores.json, the concept at each preview step to "
-                   "PREVIEWS/step-N.safetensors")
-    p.add_argument("--resume", default=None, help="a checkpoint file, a checkpoints folder, or a finished run's "
-                   "concept (with more --steps: extends the run exactly)")
-    p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing concept file at --out")
+    _train_parser(sub)
 
     p = sub.add_parser("generate", help="render a prompt with concepts (or a truncation sweep)")
     _model_args(p)
     p.add_argument("--concept", action="append", default=[], help="concept file (repeatable)")
     _sampling_args(p)
-    p.add_argument("--sweep", type=int, nargs="+", default=None, help="truncation values: render a sweep grid")
+    p.add_argument("--sweep", type=_truncation, nargs="+", default=None,
+                   help="truncation values (1..k or 'full'): render a sweep grid")
 
     p = sub.add_parser("mix", help="style mixing: geometry of one concept, appearance of another")
     _model_args(p)
     p.add_argument("--geometry", required=True)
     p.add_argument("--appearance", required=True)
-    p.add_argument("--starts", type=float, nargs="+", default=[700.0], help="mixing start timesteps")
-    p.add_argument("--geometry-layers", nargs="+", default=["IN07", "IN08", "MID"])
+    p.add_argument("--starts", type=float, nargs="+", default=[float(DEFAULT_MIX_START)],
+                   help="mixing start timesteps")
+    p.add_argument("--geometry-layers", nargs="+", default=list(DEFAULT_GEOMETRY_LAYERS))
     _sampling_args(p)
 
     p = sub.add_parser("decompose", help="per-timestep decomposition: M(t, l) at one fixed t for all steps")
     _model_args(p)
     p.add_argument("--concept", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timesteps", type=float, nargs="+", default=[999, 800, 600, 400, 200, 0])
+    p.add_argument("--timesteps", type=float, nargs="+", default=list(DEFAULT_DECOMPOSITION_TIMESTEPS))
     _sampling_args(p, seeds=False)
 
     p = sub.add_parser("import-official", help="convert an official NeTI checkpoint into a concept file")
@@ -130,6 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print a concept's metadata, parameter count and file size")
     p.add_argument("concept")
+    _eval_parser(sub)
+    return parser
+
+
+def _train_parser(sub) -> None:
+    from .config import PreviewConfig, TrainConfig
+
+    p = sub.add_parser("train", help="train a concept from a few images")
+    _model_args(p)
+    p.add_argument("--images", nargs="+", required=True, help="a folder or image files")
+    p.add_argument("--token", required=True, help="new placeholder token, e.g. '<my-cat>'")
+    p.add_argument("--init-token", "--super-category", dest="super_category", default="object",
+                   help="one existing token naming the concept's category (its norm rescales the mapper output)")
+    _config_args(p, TrainConfig)
+    _config_args(p, PreviewConfig, prefix="preview_")
+    p.add_argument("--clip", default=None, help="CLIPModel (hub id or local folder) that scores each preview's "
+                   "fidelity and editability (default: the bundled toy CLIP for the bundled model; none otherwise); "
+                   "the scores go to the log and to PREVIEWS/scores.json, the concept at each preview step to "
+                   "PREVIEWS/step-N.safetensors")
+    p.add_argument("--resume", default=None, help="a checkpoint file, a checkpoints folder, or a finished run's "
+                   "concept (with more --steps: extends the run exactly)")
+    p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing concept file at --out")
+
+
+def _eval_parser(sub) -> None:
+    from .config import Sampling
+    from .evaluate import EvalConfig
 
     p = sub.add_parser("eval", help="CLIP image and text similarity of concepts (Textual Inversion's protocol)",
                        description="Render each concept on a prompt set and seeds (cached, resumable), score "
@@ -150,14 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", type=int, nargs="*", default=[], help="truncation values k for the sweep")
     p.add_argument("--sweep-for", action="append", default=None, metavar="NAME",
                    help="render the sweep for these concepts only (default: every NeTI concept)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default="dpm")
-    p.add_argument("--alpha", type=float, default=DEFAULT_BYPASS_ALPHA, help="textual-bypass strength (0 = off)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generator call")
+    _config_args(p, Sampling, ("steps", "guidance", "scheduler"))
+    _config_args(p, EvalConfig, ("alpha", "batch_size"))
     p.add_argument("--out", default="runs/eval", help="folder for results and the image cache (OUT/cache)")
     p.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def _quiet_libraries() -> None:
@@ -178,10 +223,9 @@ def _generator(args):
 
 
 def _sampling(args):
-    from .generate import Sampling
+    from .config import Sampling
 
-    return Sampling(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                    negative_prompt=args.negative_prompt, height=args.height, width=args.width)
+    return _config(Sampling, args)
 
 
 def _write(result, out: str, stem: str) -> None:
@@ -192,43 +236,39 @@ def _write(result, out: str, stem: str) -> None:
 
 def _same_run(resume: Path, out: Path) -> bool:
     """Whether `--resume` continues the run that writes `out` (its concept or its checkpoints)."""
+    from .checkpoints import checkpoint_folder
+
     resume, out = resume.resolve(), out.resolve()
-    checkpoints = out.with_name(out.stem + "-checkpoints")
+    checkpoints = checkpoint_folder(out)
     return resume in (out, checkpoints) or resume.parent == checkpoints
 
 
 def cmd_train(args) -> None:
     from tqdm import tqdm
 
+    from .checkpoints import checkpoint_folder, resumable_checkpoint
     from .concept import check_output_file, check_output_folder
+    from .config import PreviewConfig, TrainConfig
     from .data import load_images
     from .images import make_grid, save_png
     from .models import load_pipeline
     from .fidelity import FidelityTracker, default_judge, write_scores
-    from .train import TrainConfig, Trainer, TrainingCallback, resumable_checkpoint
+    from .previews import Previews
+    from .train import Trainer, TrainingCallback
 
     out = Path(args.out)  # everything that can be checked is checked before the model loads
     same_run = args.resume is not None and _same_run(Path(args.resume), out)
     check_output_file(out, "concept file", force=args.force or same_run)
-    check_output_folder(out.with_name(out.stem + "-checkpoints"), "checkpoints folder")
-    previews = out.with_name(out.stem + "-previews")
+    check_output_folder(checkpoint_folder(out), "checkpoints folder")
+    preview_folder = out.with_name(out.stem + "-previews")
     if args.preview_every:
-        check_output_folder(previews, "previews folder")
+        check_output_folder(preview_folder, "previews folder")
     if args.resume is not None:
         resumable_checkpoint(args.resume)
+    config, preview_config = _config(TrainConfig, args), _config(PreviewConfig, args, prefix="preview_")
+    previews = Previews(args.token, preview_config)  # a preview prompt that cannot render is refused now
     source = args.images[0] if len(args.images) == 1 else args.images
     images = load_images(source)
-    config = TrainConfig(
-        method=args.method, ablations=tuple(args.ablation), steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, learning_rate=args.lr, scale_lr=not args.no_scale_lr, templates=args.templates,
-        use_captions=not args.no_captions,
-        lr_warmup_steps=args.lr_warmup_steps, resolution=args.resolution, crop=args.crop, flip_p=args.flip_p,
-        preview_steps=args.preview_steps, seed=args.seed, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        preview_every=args.preview_every, preview_prompts=tuple(args.preview_prompt or ["a photo of a {}"]),
-        preview_seeds=tuple(args.preview_seed or [0, 1]),
-    )
 
     class Progress(TrainingCallback):
         bar = None  # made once set-up succeeded, so that set-up errors are the last line
@@ -239,23 +279,24 @@ def cmd_train(args) -> None:
                                  s_per_step=f"{info.seconds_per_step:.2f}")
 
         def on_preview(self, info):
-            grid = make_grid(info.images, len(config.preview_prompts), len(config.preview_seeds))
-            save_png(grid, previews / f"step-{info.step:06d}.png",
-                     {"step": info.step, "prompts": list(config.preview_prompts), "seeds": list(config.preview_seeds)})
+            grid = make_grid(info.images, len(preview_config.prompts), len(preview_config.seeds))
+            save_png(grid, preview_folder / f"step-{info.step:06d}.png",
+                     {"step": info.step, "prompts": list(preview_config.prompts), "seeds": list(preview_config.seeds),
+                      "sampler_steps": preview_config.steps})
 
     pipe = load_pipeline(args.model, args.device)
     progress = Progress()
-    trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress])
-    if args.preview_every:  # the concept at every preview step, and its CLIP scores when there is a CLIP
+    trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress, previews])
+    if preview_config.every:  # the concept at every preview step, and its CLIP scores when there is a CLIP
         judge = default_judge(args.model, args.clip)
 
         def scored(score, best):
             line = (f"step {score.step}: image similarity {score.image_similarity:.4f}, text similarity "
                     f"{score.text_similarity:.4f} (best trade-off so far: step {best})")
             progress.bar.write(line) if progress.bar is not None else print(line)
-            write_scores(tracker, previews / "scores.json")
+            write_scores(tracker, preview_folder / "scores.json")
 
-        tracker = FidelityTracker(judge, [im.image for im in images], trainer.concept, previews, scored)
+        tracker = FidelityTracker(judge, [im.image for im in images], trainer.concept, preview_folder, scored)
         trainer.callbacks.append(tracker)
     progress.bar = tqdm(total=config.steps, desc=args.token, unit="step", disable=None)  # None: off if not a tty
     try:
@@ -347,16 +388,15 @@ def cmd_info(args) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate as ev
-    from .generate import Sampling
+    from .config import Sampling
     from .models import resolve_device
 
     if args.seeds < 1:
         raise ValueError(f"--seeds is a count and must be >= 1, got {args.seeds}")
     entries = ev.build_entries(args.concept, ev.parse_assignments(args.images_for, "--images-for"), args.images,
                                ev.parse_assignments(args.label, "--label"), args.sweep_for)
-    config = ev.EvalConfig(prompts=ev.load_prompts(args.prompts), seeds=tuple(range(args.seeds)),
-                           sweep=tuple(args.sweep), alpha=args.alpha, batch_size=args.batch_size,
-                           sampling=Sampling(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler))
+    config = _config(ev.EvalConfig, args, ("alpha", "batch_size"), prompts=ev.load_prompts(args.prompts),
+                     seeds=tuple(range(args.seeds)), sweep=tuple(args.sweep), sampling=_config(Sampling, args))
     judge = ev.ClipJudge.load(args.clip, device=resolve_device(args.device))
     report = ev.evaluate(_generator(args), entries, judge, config, Path(args.out) / "cache",
                          progress=not args.no_progress)

@@ -26,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .conditioning import check_token_text
+from .conditioning import TextConditioner, check_placeholder_token, check_token_text, super_category_id
 from .config import MapperConfig
+from .layers import cross_attention_layers
 from .mapper import MapperOutput, build_mapper, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,22 @@ class Concept(nn.Module):
         self.mapper = build_mapper(config)
         self.uid = next(_UIDS)  # never reused, unlike id(): keys the conditioning cache
 
+    @classmethod
+    def for_pipeline(cls, pipe, token: str, super_category: str, config: MapperConfig = MapperConfig(),
+                     model_name: str = "") -> "Concept":
+        """A new, untrained concept for `pipe`: `config` with the model's token width, its cross-attention layers
+        and the super-category token's norm filled in; the baselines' vectors start at that token's embedding."""
+        check_placeholder_token(pipe.tokenizer, token)
+        embedding = TextConditioner(pipe.tokenizer, pipe.text_encoder).embedding_of(
+            super_category_id(pipe.tokenizer, super_category)).float().cpu()
+        layers = cross_attention_layers(pipe.unet)
+        config = replace(config, token_dim=pipe.text_encoder.config.hidden_size, num_layers=len(layers),
+                         target_norm=float(embedding.norm()))
+        concept = cls(token, super_category, config, [x.name for x in layers], model_name)
+        if config.method != "neti":
+            concept.mapper.initialize(embedding)
+        return concept
+
     def forward(self, t: torch.Tensor, l: torch.Tensor, truncation: int | None = None) -> MapperOutput:
         return self.mapper(t, l, truncation)
 
@@ -153,9 +170,13 @@ class Concept(nn.Module):
         return (f"{self.token} ({self.method}, super-category '{self.super_category}', {self.train_steps} steps, "
                 f"{self.num_parameters:,} parameters, D={self.config.token_dim}, L={self.config.num_layers})")
 
+    def fits(self, token_dim: int, num_layers: int) -> bool:
+        """Whether the concept fits a model of this token width and number of cross-attention layers."""
+        return (self.config.token_dim, self.config.num_layers) == (token_dim, num_layers)
+
     def check_compatible(self, token_dim: int, num_layers: int, model_name: str = "this model") -> None:
         """Refuse a concept made for another token width or layer count, naming the model it was made for."""
-        if (self.config.token_dim, self.config.num_layers) != (token_dim, num_layers):
+        if not self.fits(token_dim, num_layers):
             made_for = f" ({self.base_model})" if self.base_model else ""
             raise ValueError(
                 f"concept {self.token} was made for a model with token width {self.config.token_dim} and "

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import CROP_MODES, TEMPLATE_KINDS, check_template_kind
+
 try:  # colour management needs Pillow built with LittleCMS (the default wheels are)
     from PIL import ImageCms
 except ImportError:  # pragma: no cover - depends on the Pillow build
@@ -48,6 +50,7 @@ __all__ = [
     "ImageSet",
     "LoadedImage",
     "CAPTION_CHUNK",
+    "check_image",
     "load_images",
     "read_caption",
     "read_image",
@@ -112,13 +115,12 @@ STYLE_TEMPLATES: tuple[str, ...] = (
     "a large painting in the style of {}",
 )
 
-_TEMPLATE_KINDS: dict[str, tuple[str, ...]] = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+_TEMPLATE_KINDS: dict[str, tuple[str, ...]] = dict(zip(TEMPLATE_KINDS, (OBJECT_TEMPLATES, STYLE_TEMPLATES)))
 
 # Extensions picked up when `load_images` is given a folder (compared case-insensitively). Files passed
 # explicitly in a list are read whatever their extension: their content decides.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
-CROP_MODES: tuple[str, ...] = ("center", "random")
 
 # NeTI and Textual Inversion use 3-10 images; above this many, warn that training needs more steps.
 FEW_IMAGES = 3  # NeTI uses 3-10 images
@@ -198,13 +200,7 @@ def image_warnings(images: Sequence[Image.Image | LoadedImage], resolution: int)
 
 def template_kind(name: str) -> tuple[str, ...]:
     """Return the prompt templates for a learnable property: "object" or "style"."""
-    key = name.strip().lower() if isinstance(name, str) else None
-    if key not in _TEMPLATE_KINDS:
-        raise ValueError(
-            f"Unknown template kind {name!r}; use one of {sorted(_TEMPLATE_KINDS)} "
-            "('object' for a thing or a creature, 'style' for an artistic style)."
-        )
-    return _TEMPLATE_KINDS[key]
+    return _TEMPLATE_KINDS[check_template_kind(name)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,11 +242,11 @@ def load_images(
     images: list[LoadedImage] = []
     skipped: list[tuple[Path, str]] = []
     for path in files:
-        image, reason = read_image(path)
-        if image is None:
+        loaded, reason = check_image(path)
+        if loaded is None:
             skipped.append((path, reason))
         else:
-            images.append(LoadedImage(path=path, image=image, caption=read_caption(path)))
+            images.append(loaded)
 
     if not images:
         listing = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
@@ -364,6 +360,19 @@ def read_caption(path: str | os.PathLike) -> str | None:
         return _check_templates([caption])[0]
     except ValueError as error:
         raise ImageInputError(f"{source}: {error}") from None
+
+
+def check_image(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[LoadedImage | None, str]:
+    """One training image file, judged by its content as every caller judges it (`load_images`, the app's
+    uploads): (the image with its caption, "") or (None, the reason it cannot be used: unreadable, empty, over
+    `max_bytes`, not decodable). Raises `ImageInputError` for a decompression bomb or a malformed caption."""
+    path = Path(path)
+    if max_bytes is not None and path.is_file() and (size := path.stat().st_size) > max_bytes:
+        return None, f"{size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit per file"
+    image, reason = read_image(path)
+    if image is None:
+        return None, reason
+    return LoadedImage(path=path, image=image, caption=read_caption(path)), ""
 
 
 def read_image(path: str | os.PathLike) -> tuple[Image.Image | None, str]:

@@ -260,7 +260,7 @@ class EvalConfig:
     seeds: tuple[int, ...] = tuple(range(8))
     sweep: tuple[int, ...] = ()  # truncation values k for the sweep (NeTI concepts); () for none
     sampling: Sampling = Sampling()
-    alpha: float = DEFAULT_BYPASS_ALPHA
+    alpha: float = DEFAULT_BYPASS_ALPHA  # textual-bypass strength (0 = off)
     batch_size: int = 8  # images per generator call
 
     def __post_init__(self) -> None:

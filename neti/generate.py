@@ -27,7 +27,7 @@ from PIL import Image
 from .attention import ensure_processors, pack
 from .concept import Concept
 from .conditioning import Encoding, TextConditioner, format_prompt
-from .config import DEFAULT_BYPASS_ALPHA
+from .config import DEFAULT_BYPASS_ALPHA, SCHEDULERS, Sampling  # noqa: F401 (re-exported)
 from .images import file_name, labelled_grid, make_grid, save_png
 from .layers import cross_attention_layers, resolve_layer_names
 from .mapper import check_truncation
@@ -37,38 +37,10 @@ from .xy import Axis, points
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")
 DEFAULT_DECOMPOSITION_TIMESTEPS = (999, 800, 600, 400, 200, 0)
 MIX_STRIP_STARTS = (600, 700, 800, 900)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to sample: everything but the prompt, concepts and NeTI controls."""
-
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str = "dpm"
-    negative_prompt: str = ""
-    height: int | None = None  # None: the model's resolution
-    width: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
-        if not self.guidance >= 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+DEFAULT_MIX_START = 700  # the appearance concept feeds all but the geometry layers from this timestep on
 
 
 @dataclass
@@ -283,7 +255,8 @@ class Generator:
         return result
 
     def mix(self, prompt: str, geometry: Concept, appearance: Concept, seeds: Sequence[int] = (0,),
-            starts: Sequence[float] = (700,), geometry_layers: Sequence[str] = DEFAULT_GEOMETRY_LAYERS,
+            starts: Sequence[float] = (DEFAULT_MIX_START,),
+            geometry_layers: Sequence[str] = DEFAULT_GEOMETRY_LAYERS,
             sampling: Sampling = Sampling(), truncation: int | None = None,
             alpha: float = DEFAULT_BYPASS_ALPHA, references: bool = False,
             on_step: StepCallback | None = None) -> Result:
@@ -369,7 +342,7 @@ class Generator:
         mixer = self._mixer(prompt, concepts[0], appearance, geometry_layers, sampling) if mixing else None
         encodings, rows = {}, []
         for cell in cells:
-            start = 700.0 if cell["mix_start"] is None else cell["mix_start"]
+            start = float(DEFAULT_MIX_START) if cell["mix_start"] is None else cell["mix_start"]
             key = (cell["truncation"], cell["alpha"], start if mixing else None)
             if key not in encodings:
                 encodings[key] = mixer(start, cell["truncation"], cell["alpha"]) if mixing else \

@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from .config import PreviewConfig, TrainConfig
 from .fidelity import FidelityTracker, StepScore
+from .previews import Previews
 from .progress import format_seconds
-from .train import TrainConfig, Trainer, TrainingCallback
+from .train import Trainer, TrainingCallback
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class TrainingSnapshot:
     model: str = ""
     super_category: str = ""
     config: TrainConfig | None = None  # the job's settings, so that a reloaded page shows them
+    preview_config: PreviewConfig | None = None  # the job's preview settings
     step: int = 0
     total: int = 0
     losses: tuple[float, ...] = ()
@@ -136,23 +139,25 @@ class TrainingManager:
                 f"{left}; wait for it or stop it first (one training at a time)")
 
     def start(self, pipe, model_name: str, images: Sequence, name: str, token: str, super_category: str,
-              config: TrainConfig, out_path: Path, on_done=None, resume: Path | None = None, judge=None,
-              steps_dir: Path | None = None) -> TrainingSnapshot:
-        """Build the trainer (bad token, super-category or settings raise here) and train in the background;
-        with `resume` (a checkpoint, or a concept with checkpoints) the run continues from it. With previews on,
-        the concept at each preview step is kept in `steps_dir` and, with a CLIP `judge`
-        (`neti.evaluate.ClipJudge`), each preview is scored (`neti.fidelity`)."""
+              config: TrainConfig, out_path: Path, on_done=None, previews: PreviewConfig = PreviewConfig(),
+              resume: Path | None = None, judge=None, steps_dir: Path | None = None) -> TrainingSnapshot:
+        """Build the trainer (bad token, super-category or settings raise here) and train in the background,
+        rendering `previews` as it goes; with `resume` (a checkpoint, or a concept with checkpoints) the run
+        continues from it. With previews on, the concept at each preview step is kept in `steps_dir` and, with a
+        CLIP `judge` (`neti.evaluate.ClipJudge`), each preview is scored (`neti.fidelity`)."""
         with self._lock:
             self._check_idle()
             previous = self._snap
             self._snap = TrainingSnapshot(status="running", name=name, token=token, model=model_name,
-                                          super_category=super_category, config=config, total=config.steps,
-                                          preview_prompts=tuple(config.preview_prompts), output_path=str(out_path),
-                                          steps_dir=str(steps_dir or ""), version=self._snap.version + 1)
+                                          super_category=super_category, config=config, preview_config=previews,
+                                          total=config.steps, preview_prompts=tuple(previews.prompts),
+                                          output_path=str(out_path), steps_dir=str(steps_dir or ""),
+                                          version=self._snap.version + 1)
             self._sps_ema = None
         try:
-            trainer = Trainer(pipe, list(images), token, super_category, config, model_name, [_Recorder(self)])
-            if config.preview_every and (judge is not None or steps_dir is not None):
+            callbacks = [_Recorder(self), Previews(token, previews)]
+            trainer = Trainer(pipe, list(images), token, super_category, config, model_name, callbacks)
+            if previews.every and (judge is not None or steps_dir is not None):
                 photos = [getattr(im, "image", im) for im in images]
                 trainer.callbacks.append(FidelityTracker(judge, photos, trainer.concept, steps_dir, self._record_score,
                                                          on_kept=self._record_kept))

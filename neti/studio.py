@@ -1,8 +1,8 @@
 """NeTI Studio's service layer: what the Gradio app (app.py) calls, with no Gradio in it (NeTI Sec. 4-5 as a tool).
 
 - the concept library (`neti.library`) and background training (`neti.jobs`), re-exported here;
-- `check_uploads`: training uploads are accepted by content (`neti.data.load_images`), with a per-file size cap
-  and a count cap, and one readable reason per rejected file.
+- `check_uploads`: training uploads are judged by content as `neti.data.load_images` judges files
+  (`neti.data.check_image`), with a per-file size cap and a count cap, and one readable reason per rejected file.
 - `Studio`: the loaded base model and its `Generator`, model switching, and generation (generate, sweep, X/Y
   grid, mix with its references, decompose) writing PNGs that carry their settings (`neti.images.save_png`),
   with per-step progress and an Interrupt (`neti.progress`);
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .checkpoints import resumable_checkpoint
 from .concept import Concept, export_textual_inversion, import_official
-from .config import DEFAULT_BYPASS_ALPHA
-from .data import ImageInputError, LoadedImage, read_caption, read_image
+from .config import DEFAULT_BYPASS_ALPHA, PreviewConfig, TrainConfig
+from .data import ImageInputError, check_image
 from .fidelity import default_judge, step_path
 from .generate import DEFAULT_GEOMETRY_LAYERS, Generator, Result, Sampling
 from .jobs import TrainingBusyError, TrainingManager, TrainingSnapshot  # noqa: F401 (re-exported for the app)
@@ -39,7 +40,6 @@ from .library import ConceptLibrary, check_name, name_from_token
 from .models import default_model, load_pipeline, model_label
 from .paths import BUNDLED_MODEL, DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
 from .progress import StepReporter
-from .train import TrainConfig, resumable_checkpoint
 from .xy import Axis
 
 logger = logging.getLogger(__name__)
@@ -74,30 +74,14 @@ def check_uploads(paths: Sequence[str | os.PathLike], max_files: int = MAX_UPLOA
     accepted, images, rejected = [], [], []
     for path in paths:
         try:
-            size = path.stat().st_size
-        except OSError as exc:
-            rejected.append((path.name, f"cannot be read ({exc.strerror or exc})"))
-            continue
-        if size > max_bytes:
-            rejected.append((path.name, f"{size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit per file"))
-            continue
-        if size == 0:
-            rejected.append((path.name, "empty file (0 bytes)"))
-            continue
-        try:
-            image, reason = read_image(path)
-        except ImageInputError as exc:  # a decompression bomb
-            image, reason = None, str(exc)
-        if image is None:
-            rejected.append((path.name, f"not usable as an image ({reason})"))
-            continue
-        try:
-            caption = read_caption(path)
-        except ImageInputError as exc:
-            rejected.append((path.name, str(exc)))
-            continue
-        accepted.append(path)
-        images.append(LoadedImage(path, image, caption))
+            loaded, reason = check_image(path, max_bytes)
+        except ImageInputError as exc:  # a decompression bomb, a malformed caption
+            loaded, reason = None, str(exc)
+        if loaded is None:
+            rejected.append((path.name, reason))
+        else:
+            accepted.append(path)
+            images.append(loaded)
     return UploadCheck(accepted, images, rejected)
 
 
@@ -195,11 +179,6 @@ class Studio:
         return (f"{model_label(self.model_name)} ({size}x{size} px, token width {pipe.text_encoder.config.hidden_size}, "
                 f"{self.generator.num_layers} cross-attention layers, {pipe.device})")
 
-    def is_compatible(self, concept: Concept) -> bool:
-        """Whether `concept` fits the loaded model (token width and number of cross-attention layers)."""
-        return (concept.config.token_dim, concept.config.num_layers) == \
-            (self.pipe.text_encoder.config.hidden_size, self.generator.num_layers)
-
     @property
     def resolution(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -214,7 +193,8 @@ class Studio:
             except (ValueError, OSError):
                 out.append(ConceptStatus(e.name, "", 0, e.shipped, "unreadable file"))
                 continue
-            problem = "" if self.is_compatible(concept) else "made for another base model"
+            fits = concept.fits(self.generator.token_dim, self.generator.num_layers)
+            problem = "" if fits else "made for another base model"
             problem = problem or ("" if concept.train_steps else "0 training steps")
             out.append(ConceptStatus(e.name, concept.token, int(concept.train_steps or 0), e.shipped, problem))
         return [c for c in out if not c.problem] + [c for c in out if c.problem]
@@ -336,7 +316,8 @@ class Studio:
 
     # ---- training ----------------------------------------------------------------------------------------------
     def start_training(self, images: Sequence, name: str, token: str, super_category: str,
-                       config: TrainConfig, resume: bool = False) -> TrainingSnapshot:
+                       config: TrainConfig, previews: PreviewConfig = PreviewConfig(),
+                       resume: bool = False) -> TrainingSnapshot:
         """Train a new concept in the background; it is saved to concepts/<name>.safetensors on finish or stop.
         With `resume`, the user concept `name` continues from its latest checkpoint to `config.steps`."""
         self.training.check_idle()
@@ -355,10 +336,10 @@ class Studio:
         if owner is not None and not (resume and owner == name):
             raise ValueError(f"the token {token!r} is already used by concept {owner!r}; choose another token (two "
                              "concepts with one token cannot share a prompt), or rename or delete that concept")
-        judge = self.judge() if config.preview_every else None
-        steps_dir = self.output_dir / "steps" / f"{name}-{uuid.uuid4().hex[:8]}" if config.preview_every else None
+        judge = self.judge() if previews.every else None
+        steps_dir = self.output_dir / "steps" / f"{name}-{uuid.uuid4().hex[:8]}" if previews.every else None
         return self.training.start(self.pipe, self.model_name, images, name, token, (super_category or "").strip(),
-                                   config, out, on_done=lambda path: self._save_thumbnail(name),
+                                   config, out, on_done=lambda path: self._save_thumbnail(name), previews=previews,
                                    resume=out if resume else None, judge=judge, steps_dir=steps_dir)
 
     def judge(self):

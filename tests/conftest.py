@@ -4,6 +4,7 @@ CLIP; an official NeTI checkpoint. Plain helper functions are in helpers.py."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -11,26 +12,29 @@ import pytest
 import torch
 from helpers import WORDS, write_official_checkpoint
 
+from neti.testing import tiny_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models are overhead-bound; more threads only thrash on 2 shared cores
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from toyworld.sd_layout import SDShape, build_pipeline
-    from toyworld.tokenizer import build_clip_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer = build_clip_tokenizer(WORDS, folder / "vocab")
-    build_pipeline(SDShape(), tokenizer, seed=0).save_pretrained(folder / "model")
-    return folder / "model"
+    return tiny_model(tmp_path_factory.mktemp("tiny-sd"), WORDS)
 
 
-@pytest.fixture()
-def tiny_pipe(tiny_model_dir):
+@pytest.fixture(scope="session")
+def loaded_tiny_pipe(tiny_model_dir):
+    """The tiny pipeline as `neti.models.load_pipeline` loads it, once per session; tests use copies of it."""
     from neti.models import load_pipeline
 
     return load_pipeline(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture()
+def tiny_pipe(loaded_tiny_pipe):
+    """A fresh copy of the loaded tiny pipeline: a test may change its weights, processors or modes."""
+    return copy.deepcopy(loaded_tiny_pipe)
 
 
 @pytest.fixture()
@@ -45,7 +49,7 @@ def clip_dir(tmp_path_factory):
     """A tiny random CLIPModel + CLIPProcessor saved with `save_pretrained`, loaded as a real CLIP would be."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
-    from toyworld.tokenizer import build_clip_tokenizer
+    from neti.testing.tokenizer import build_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     tokenizer = build_clip_tokenizer(WORDS, folder / "vocab", max_length=16)

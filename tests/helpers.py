@@ -1,4 +1,4 @@
-"""Plain helpers the tests share (fixtures are in conftest.py): the tiny models' vocabulary, a seeded concept for
+"""Plain helpers the tests share (fixtures are in conftest.py): the tiny models' vocabularies, a seeded concept for
 a pipeline, an official NeTI checkpoint written from its format description (docs/method.md "Official checkpoint
 format"), and waiting for an event."""
 
@@ -16,24 +16,21 @@ from torch import nn
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "teapot", "object", "on", "beach", "red", "blue", "painting",
          "in", "style", "rendering", "sketch", "two", "and", "with"]
+# The app tests' tiny model: enough of the toy world's vocabulary for the prompts they write, 32 tokens.
+APP_WORDS = ["a", "photo", "of", "the", "on", "background", "shape", "object", "white", "blue", "red", "green",
+             "yellow", "black", "circle", "square", "heart", "two", "rendering", "picture"]
 
 
 def make_concept(pipe, token="<thing>", super_category="cat", method="neti", seed=1, **config):
     """A concept for `pipe` with its own random (seeded) weights, so it visibly changes the output."""
     from neti.concept import Concept
-    from neti.conditioning import super_category_id
     from neti.config import MapperConfig
-    from neti.layers import cross_attention_layers
 
-    layers = cross_attention_layers(pipe.unet)
-    emb = pipe.text_encoder.get_input_embeddings().weight[super_category_id(pipe.tokenizer, super_category)]
-    cfg = MapperConfig(method=method, token_dim=pipe.text_encoder.config.hidden_size, num_layers=len(layers),
-                       target_norm=float(emb.detach().norm()), seed=seed, **config)
-    concept = Concept(token, super_category, cfg, [x.name for x in layers], "tiny")
+    concept = Concept.for_pipeline(pipe, token, super_category, MapperConfig(method=method, seed=seed, **config), "tiny")
     if method != "neti":
-        concept.mapper.initialize(emb.detach())
+        vectors = concept.mapper.vectors
         with torch.no_grad():
-            concept.mapper.vectors.add_(torch.randn_like(concept.mapper.vectors, generator=torch.Generator().manual_seed(seed)) * emb.norm() / 4)
+            vectors.add_(torch.randn_like(vectors, generator=torch.Generator().manual_seed(seed)) * vectors[0].norm() / 4)
     return concept.eval()
 
 

@@ -8,22 +8,23 @@ message rather than a stack trace.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from app_server import build_tiny_model
-from helpers import wait_for
+from helpers import APP_WORDS, wait_for
+from neti.config import DEFAULT_BYPASS_ALPHA as ALPHA
+from neti.config import DEFAULT_HIDDEN_DIM
 from neti.paths import EXAMPLES_DIR
-from neti.testing import AppServer
+from neti.testing import AppServer, tiny_model
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 EXAMPLE = EXAMPLES_DIR / "dotted-crescent"
+FULL = DEFAULT_HIDDEN_DIM + 1  # the truncation slider's "full" position
 
 
 def tiny_concept(token: str, seed: int):
@@ -38,7 +39,7 @@ def tiny_concept(token: str, seed: int):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    model = build_tiny_model(root)
+    model = tiny_model(root, APP_WORDS, max_tokens=32)
     concepts, shipped = root / "concepts", root / "shipped"
     shipped.mkdir()
     concepts.mkdir()
@@ -76,7 +77,7 @@ def test_app_serves_the_page_quickly(app):
 def test_generate_returns_pngs_with_settings_and_the_seed_in_each_caption(app):
     from neti.images import read_settings
 
-    images, files, grid, info = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, 0.2, 32, 32)
+    images, files, grid, info = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, ALPHA, 32, 32)
     assert [item["caption"] for item in images] == ["seed 5 · truncation 8", "seed 6 · truncation 8"]
     assert grid is None and info == ""  # a new result clears the last grid and selection
     settings = read_settings(files[0])
@@ -90,12 +91,12 @@ def test_generate_returns_pngs_with_settings_and_the_seed_in_each_caption(app):
 
 
 def test_width_and_height_set_the_image_size(app):
-    _, files, _, _ = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, 0.2, 48, 24)
+    _, files, _, _ = call(app, "/generate", ["alpha"], "a photo of a {}", *GEN.values(), 8, ALPHA, 48, 24)
     assert Image.open(files[0]).size == (48, 24)
 
 
 def test_interrupt_ends_a_running_generation_with_the_images_so_far(app):
-    job = app.submit(["alpha"], "a photo of a {}", "", 1, 0, False, 100, 7.5, "dpm", 129, 0.2, 32, 32,
+    job = app.submit(["alpha"], "a photo of a {}", "", 1, 0, False, 100, 7.5, "dpm", FULL, ALPHA, 32, 32,
                      api_name="/generate")
     wait_for(lambda: job.status(), lambda s: job.done() or bool(s.progress_data and s.progress_data[0].index))
     # the event above: a sampler step reported (not merely the "Generating…" before the model runs)
@@ -108,8 +109,8 @@ def test_interrupt_ends_a_running_generation_with_the_images_so_far(app):
 def test_xy_grid_over_two_controls_is_labelled_and_every_image_carries_its_cell(app):
     from neti.images import GRID_CELL_MIN, read_settings
 
-    grid, images, files, _ = call(app, "/xy_grid", ["alpha"], "a photo of a {}", "", 5, False, 2, 7.5, "dpm", 129,
-                                  0.2, 32, 32, "bypass strength", "0, 0.5", "truncation", "2, full")
+    grid, images, files, _ = call(app, "/xy_grid", ["alpha"], "a photo of a {}", "", 5, False, 2, 7.5, "dpm", FULL,
+                                  ALPHA, 32, 32, "bypass strength", "0, 0.5", "truncation", "2, full")
     assert [i["caption"] for i in images] == ["truncation 2 · bypass strength 0",
                                               "truncation 2 · bypass strength 0.5",
                                               "truncation full · bypass strength 0",
@@ -118,7 +119,7 @@ def test_xy_grid_over_two_controls_is_labelled_and_every_image_carries_its_cell(
     width, height = Image.open(grid).size
     assert width > 2 * GRID_CELL_MIN and height > 2 * GRID_CELL_MIN  # upscaled cells plus the axis labels
     assert "out of range" in error_of(app, "/xy_grid", ["alpha"], "a photo of a {}", "", 5, False, 2, 7.5, "dpm",
-                                      129, 0.2, 32, 32, "bypass strength", "0, 3", "truncation", "2")
+                                      FULL, ALPHA, 32, 32, "bypass strength", "0, 3", "truncation", "2")
 
 
 def test_token_counter_and_insert_token(app):
@@ -129,14 +130,15 @@ def test_token_counter_and_insert_token(app):
 
 
 def test_random_seed_is_drawn_and_shown(app):
-    images, *_ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, True, 2, 7.5, "dpm", 129, 0.2, 32, 32)
+    images, *_ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, True, 2, 7.5, "dpm", FULL, ALPHA, 32,
+                      32)
     assert images[0]["caption"].startswith("seed ") and images[0]["caption"].endswith("truncation full")
 
 
 def test_sweep_grid_has_a_row_per_truncation_and_a_column_per_seed(app):
     from neti.images import GRID_CELL_MIN
 
-    grid, images, files, _ = call(app, "/sweep", ["alpha"], "a photo of a {}", *GEN.values(), "2, 16, full", 0.2,
+    grid, images, files, _ = call(app, "/sweep", ["alpha"], "a photo of a {}", *GEN.values(), "2, 16, full", ALPHA,
                                   32, 32)
     assert len(images) == 6 and images[0]["caption"] == "truncation 2 · seed 5"
     width, height = Image.open(grid).size
@@ -175,7 +177,7 @@ def test_concept_card_names_token_method_steps_and_size(app):
 
 
 def test_library_errors_reach_the_user_as_readable_messages(app):
-    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2, 32, 32)
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), FULL, ALPHA, 32, 32)
     assert "does not contain the concept's token" in msg
     msg = error_of(app, "/load_model", "no-such-org/no-such-model")
     assert "could not load base model" in msg
@@ -201,7 +203,7 @@ def test_upload_check_accepts_images_by_content_and_names_each_rejected_file(app
     renamed.write_bytes((EXAMPLE / "0.png").read_bytes())
     thumbs, message = call(app, "/check_uploads", [handle_file(p) for p in (EXAMPLE / "1.png", fake, empty, renamed)])
     assert len(thumbs) == 2 and "2 image(s) ready" in message
-    assert "notes.png: not usable as an image" in message and "empty.png: empty file (0 bytes)" in message
+    assert "notes.png: not an image file Pillow can read" in message and "empty.png: empty file (0 bytes)" in message
     _, message = call(app, "/check_uploads", [handle_file(EXAMPLE / "0.png")] * 21)
     assert "21 files uploaded, but at most 20" in message
 
@@ -209,30 +211,30 @@ def test_upload_check_accepts_images_by_content_and_names_each_rejected_file(app
 def test_training_runs_in_the_background_refuses_a_second_job_and_saves_on_stop(app):
     images = [handle_file(EXAMPLE / f"{i}.png") for i in range(4)]
     started = call(app, "/train_start", images, "trained", "<trained>", "shape", "NeTI", 500, None, True, True,
-                   "a photo of a {}", 5, 0)
+                   "a photo of a {}", 2, 0)
     assert "Started training trained" in started
     msg = error_of(app, "/train_start", images, "other", "<other>", "shape", "NeTI", 5, None, True, True,
                    "a photo of a {}", 0, 0)
     assert "already running" in msg and "'trained'" in msg and "/500" in msg
-    status = wait_for(lambda: call(app, "/train_status"),  # the event: step 6 and the step-5 preview (or an end)
-                      lambda s: s["status"] != "running" or (s["step"] >= 6 and 5 in s["preview_steps"]))
-    assert status["status"] == "running" and status["preview_steps"][:2] == [0, 5]
-    assert len(status["smoothed"]) == len(status["losses"]) >= 6 and status["eta_seconds"] > 0
+    status = wait_for(lambda: call(app, "/train_status"),  # the event: step 3 and the step-2 preview (or an end)
+                      lambda s: s["status"] != "running" or (s["step"] >= 3 and 2 in s["preview_steps"]))
+    assert status["status"] == "running" and status["preview_steps"][:2] == [0, 2]
+    assert len(status["smoothed"]) == len(status["losses"]) >= 3 and status["eta_seconds"] > 0
     assert "switch the base model" in error_of(app, "/load_model", "/tmp")
-    during, *_ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", 129, 0.2, 32,
+    during, *_ = call(app, "/generate", ["alpha"], "a photo of a {}", "", 1, 0, False, 2, 7.5, "dpm", FULL, ALPHA, 32,
                       32)
     assert len(during) == 1  # generation runs while the training does
     call(app, "/train_stop")
     wait_for(lambda: call(app, "/train_status")["status"], lambda s: s not in ("running", "stopping"))  # the job ends
     status = call(app, "/train_status")
-    assert status["status"] == "stopped" and 6 <= status["step"] < 500
+    assert status["status"] == "stopped" and 3 <= status["step"] < 500
     card = call(app, "/concept_card", "trained")
     assert "<trained>" in card and f"`{status['step']}`" in card
-    assert status["kept_steps"][0] == 5 and status["scores"] == []  # a concept per preview; no CLIP offline here
-    assert call(app, "/keep_step", 5) == "Concept 'trained' is now its step 5."
-    assert "`5`" in call(app, "/concept_card", "trained")
+    assert status["kept_steps"][0] == 2 and status["scores"] == []  # a concept per preview; no CLIP offline here
+    assert call(app, "/keep_step", 2) == "Concept 'trained' is now its step 2."
+    assert "`2`" in call(app, "/concept_card", "trained")
     assert "was not kept" in error_of(app, "/keep_step", 7)
-    images_out, *_ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), 129, 0.2, 32, 32)
+    images_out, *_ = call(app, "/generate", ["trained"], "a photo of a {}", *GEN.values(), FULL, ALPHA, 32, 32)
     assert len(images_out) == 2
 
 
@@ -317,7 +319,7 @@ def test_background_training_runs_with_the_managers_cpu_threads(tiny_pipe, tmp_p
 def test_a_message_with_a_token_comes_back_html_escaped_and_whole(app):
     import html
 
-    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), 129, 0.2, 32, 32)
+    msg = error_of(app, "/generate", ["alpha"], "a photo of a circle", *GEN.values(), FULL, ALPHA, 32, 32)
     assert "&lt;alpha&gt;" in msg and "does not contain the concept's token '<alpha>'" in html.unescape(msg)
 
 
@@ -345,9 +347,8 @@ def test_one_small_image_trains_with_a_warning_in_the_message(app):
                    True, True, "a photo of a {}", 0, 0)
     assert "Started training one-image" in message
     assert "only 1 training image(s): NeTI uses 3-10" in message and "(one-pixel.png is 1x1)" in message
-    while call(app, "/train_status")["status"] == "running":  # the event: the one-step run ends
-        time.sleep(0.2)
-    assert call(app, "/train_status")["status"] == "finished"
+    status = wait_for(lambda: call(app, "/train_status")["status"], lambda s: s != "running")  # the one step ends
+    assert status == "finished"
     call(app, "/delete", "one-image", [], "alpha", "alpha")
 
 

@@ -1,11 +1,12 @@
 """The app in a real browser: headless Debian chromium driven by Playwright against `python app.py`.
 
-Uploads four of a bundled example's images through the file input, trains about 20 steps, watches loss points,
-the progress bar, previews and the CLIP fidelity/editability curve appear (Start disabled, Stop enabled), reloads
-(the form shows the running job's settings), stops, keeps the best trade-off step, picks the new concept, generates it at truncation 8 and, with Ctrl+Enter, at full truncation
-(the images must differ), opens an image's settings and reuses its seed, mixes two concepts with their
-references, runs a decomposition, deletes a concept through its confirmation, and saves a screenshot of each tab
-in a temporary folder. Bad uploads (a text file named .png, an empty file, too many files) must each show
+Uploads four of a bundled example's images through the file input, trains a few steps, watches loss points, the
+progress bar, previews and the CLIP fidelity/editability curve appear (Start disabled, Stop enabled), reloads (the
+form shows the running job's settings), stops, keeps the best trade-off step, picks the new concept, generates it
+at truncation 8 and, with Ctrl+Enter, at full truncation (the images must differ), opens an image's settings and
+reuses its seed, mixes two concepts with their references and sends a mix to Generate, runs a decomposition,
+deletes a concept through its confirmation, and saves a screenshot of each tab in a temporary folder. Bad
+uploads (a text file named .png, an empty file, too many files) must each show
 their message in the page. Runs on the bundled toy model when it is there, else on a tiny random model
 ($NETI_BROWSER_MODEL overrides).
 """
@@ -20,16 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from app_server import build_tiny_model
-from helpers import HUNG_AFTER_S, wait_for
+from helpers import APP_WORDS, HUNG_AFTER_S, wait_for
+from neti.config import DEFAULT_HIDDEN_DIM
 from neti.paths import BUNDLED_MODEL, EXAMPLES_DIR, REPO_ROOT
-from neti.testing import AppServer
+from neti.testing import AppServer, tiny_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EXAMPLE = EXAMPLES_DIR / "dotted-crescent"
-TRAIN_STEPS = 20
+TRAIN_STEPS = 3  # enough for a loss curve, a speed and a time left
+SAMPLER_STEPS = 5  # of every image the walk-through renders
 
 pytestmark = [
     pytest.mark.browser,
@@ -54,7 +56,8 @@ def server(tmp_path_factory):
     if os.environ.get("NETI_BROWSER_MODEL"):  # e.g. a toy-shaped folder, to time the test on another model
         model = Path(os.environ["NETI_BROWSER_MODEL"])
     else:
-        model = BUNDLED_MODEL if (BUNDLED_MODEL / "model_index.json").is_file() else build_tiny_model(root)
+        bundled = (BUNDLED_MODEL / "model_index.json").is_file()
+        model = BUNDLED_MODEL if bundled else tiny_model(root, APP_WORDS, max_tokens=32)
     shipped = root / "shipped"
     shipped.mkdir()
     random_concept(model, "<other>").save(shipped / "other.safetensors")
@@ -147,7 +150,7 @@ def test_bad_uploads_each_show_their_message(page, tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     text = upload(page, [fake, empty, EXAMPLE / "0.png"])
-    assert "notes.png: not usable as an image" in text and "empty.png: empty file (0 bytes)" in text
+    assert "notes.png: not an image file Pillow can read" in text and "empty.png: empty file (0 bytes)" in text
     assert "1 image(s) ready" in text
     clear_uploads(page)
     many = [tmp_path / f"copy-{i}.png" for i in range(21)]
@@ -158,7 +161,7 @@ def test_bad_uploads_each_show_their_message(page, tmp_path):
 
 
 def test_train_watch_stop_generate_mix_and_explore(page, shots):
-    # ---- Train: four photos through the file input, ~20 steps, live loss and previews, stop
+    # ---- Train: four photos through the file input, a few steps, live loss and previews, stop
     text = upload(page, [EXAMPLE / f"{i}.png" for i in range(4)])
     assert "4 image(s) ready" in text
     assert page.locator("#train-thumbs img").count() == 4
@@ -168,7 +171,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.locator("#train-preset").get_by_text("Quick look: 100 steps").click()
     page.wait_for_function("document.querySelector('#train-steps input').value === '100'")
     set_number(page, "#train-steps", 500)
-    set_number(page, "#train-preview-every", 10)
+    set_number(page, "#train-preview-every", 2)
     page.get_by_label("Preview prompts (one per line, {} is the concept)").fill(
         "a photo of a {}\na photo of a {} on a blue background")  # fidelity, then an edit
     assert page.locator("#train-stop").is_disabled() and page.locator("#train-start").is_enabled()
@@ -179,7 +182,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.wait_for_function("""() => { const s = document.querySelector('#train-status').innerText;
                                       const m = s.match(/step (\\d+)\\//);
                                       return (m && +m[1] >= %d) || /: (stopped|finished|failed),/.test(s); }""" % TRAIN_STEPS,
-                           timeout=HUNG_AFTER_S * 1000)  # the event: step 20 (or the run's end, caught below)
+                           timeout=HUNG_AFTER_S * 1000)  # the event: step 3 (or the run's end, caught below)
     assert page.locator("#train-previews img").count() >= 1  # the step-0 preview at least
     assert page.locator("#loss-plot canvas, #loss-plot svg path, #loss-plot svg .mark-symbol").count() >= 1
     status = page.locator("#train-status").inner_text()
@@ -193,7 +196,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.reload()  # the job runs on the server: a reloaded page reconnects to it, with the job's settings
     page.wait_for_selector("#train-status :text('crescent')")
     assert "running" in page.locator("#train-status").inner_text()
-    page.wait_for_function("document.querySelector('#train-preview-every input').value === '10'")
+    page.wait_for_function("document.querySelector('#train-preview-every input').value === '2'")
     assert page.get_by_label("Concept name").input_value() == "crescent"
     assert page.locator("#train-steps input").input_value() == "500"
     page.wait_for_function("!document.querySelector('#train-stop').disabled")
@@ -213,11 +216,11 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     choose(page, "#gen-concepts", "crescent", replace=True)
     page.wait_for_selector("#gen-tokens :text('tokens')")
     set_number(page, "#gen-images", 1)
-    set_number(page, "#gen-steps", 10)
+    set_number(page, "#gen-steps", SAMPLER_STEPS)
     set_number(page, "#gen-truncation", 8)
     page.locator("#gen-button").click()
     truncated = gallery_image(page, "#gen-gallery")[0]
-    set_number(page, "#gen-truncation", 129)
+    set_number(page, "#gen-truncation", DEFAULT_HIDDEN_DIM + 1)  # "full"
     page.locator("#gen-prompt textarea").press("Control+Enter")  # Ctrl+Enter generates
     full = gallery_image(page, "#gen-gallery", previous=truncated)[0]
     assert abs(pixels(truncated) - pixels(full)).mean() > 0.5
@@ -225,7 +228,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.locator("#gen-gallery img").first.click()  # the lightbox, and the image's settings beside it
     page.wait_for_function("document.querySelector('#gen-info textarea').value.includes('Seed: 0')")
     info = page.locator("#gen-info textarea").input_value()
-    assert info.startswith("a photo of a <crescent> on a white background\nSteps: 10, Sampler: DPM++ 2M"), info
+    assert info.startswith(f"a photo of a <crescent> on a white background\nSteps: {SAMPLER_STEPS}, Sampler: DPM++ 2M"), info
     set_number(page, "#gen-seed", 7)
     page.locator("#gen-reuse-seed").click()
     page.wait_for_function("document.querySelector('#gen-seed input').value === '0'")
@@ -236,7 +239,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     choose(page, "#mix-geometry", "crescent")
     wait_for_dropdown(page, "#mix-geometry", "crescent")
     assert "Lower start: more of the geometry concept" in page.inner_text("#mix-start-text")
-    set_number(page, "#mix-steps", 10)
+    set_number(page, "#mix-steps", SAMPLER_STEPS)
     set_number(page, "#mix-seed", 3)
     page.locator("#mix-button").click()
     assert len(gallery_image(page, "#mix-references", count=2)) == 2
@@ -255,7 +258,7 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.wait_for_function("document.querySelectorAll('#library-gallery img').length === 2")  # crescent, other
     choose(page, "#explore-concept", "crescent")
     page.wait_for_selector("#concept-card :text('<crescent>')")
-    set_number(page, "#decompose-steps", 10)
+    set_number(page, "#decompose-steps", SAMPLER_STEPS)
     page.locator("#decompose-button").click()
     assert len(gallery_image(page, "#decompose-gallery", count=6)) == 6
     shot(page, shots, "explore")

@@ -60,8 +60,9 @@ def test_train_options_reach_the_run_config(trained):
     checkpoint = root / "concepts" / "thing-checkpoints" / "checkpoint-000001.safetensors"
     with safe_open(str(checkpoint), framework="pt") as f:
         config = TrainConfig.from_json(json.loads(f.metadata()["training_state"])["train_config"])
-    assert (config.crop, config.flip_p, config.lr_warmup_steps, config.resolution, config.preview_steps,
-            config.preview_seeds) == ("random", 0.0, 1, 32, 3, (3,))
+    preview = read_settings(root / "concepts" / "thing-previews" / "step-000002.png")  # previews: not the run's
+    assert (config.crop, config.flip_p, config.lr_warmup_steps, config.resolution, preview["sampler_steps"],
+            preview["seeds"]) == ("random", 0.0, 1, 32, 3, [3])
 
 
 def test_info_prints_metadata_parameters_and_size(trained, capsys):
@@ -121,6 +122,7 @@ def test_bad_input_exits_2_with_a_readable_message(trained, tiny_model_dir, tmp_
     assert str(tmp_path) in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two real processes (the launcher and the CLI): CI's slow run
 def test_accelerate_launch_runs_the_training_cli(trained, tiny_model_dir, tmp_path):
     """`accelerate launch -m neti train ...` (one CPU process) trains and writes the concept."""
     import os

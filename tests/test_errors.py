@@ -14,13 +14,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import wait_for
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
@@ -208,9 +208,11 @@ def test_one_image_or_a_tiny_one_trains_with_a_warning_saying_what_to_expect(ws,
     assert Concept.load(out).train_steps == 1
 
 
+@pytest.mark.slow  # a real CLI process, killed: CI's slow run
 def test_kill_9_during_training_leaves_the_last_checkpoint_loadable_and_resumable(ws, tiny_model_dir, tmp_path):
     from neti.models import load_pipeline
-    from neti.train import TrainConfig, Trainer, latest_checkpoint
+    from neti.checkpoints import latest_checkpoint
+    from neti.train import TrainConfig, Trainer
 
     out = tmp_path / "killed.safetensors"
     folder = tmp_path / "killed-checkpoints"
@@ -220,9 +222,9 @@ def test_kill_9_during_training_leaves_the_last_checkpoint_loadable_and_resumabl
                                                                   "--out", str(out))],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        while not (folder / "checkpoint-000003.safetensors").exists():  # the event: a third checkpoint
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.05)
+        third = folder / "checkpoint-000003.safetensors"  # the event: a third checkpoint (or the run's end)
+        wait_for(lambda: proc.poll() is not None or third.exists(), bool, interval=0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -232,8 +234,7 @@ def test_kill_9_during_training_leaves_the_last_checkpoint_loadable_and_resumabl
     last = latest_checkpoint(folder)
     step = Concept.load(last).train_steps
     assert step >= 3
-    config = TrainConfig(steps=step + 1, batch_size=2, grad_accum=1, resolution=32, checkpoint_every=0,
-                         preview_every=0)
+    config = TrainConfig(steps=step + 1, batch_size=2, grad_accum=1, resolution=32, checkpoint_every=0)
     result = Trainer(load_pipeline(tiny_model_dir, "cpu"), [Image.open(p) for p in sorted((ws / "photos").iterdir())],
                      "<d>", "cat", config).train(out, resume=folder)
     assert result.steps_done == step + 1 and Concept.load(out).train_steps == step + 1

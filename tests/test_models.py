@@ -41,15 +41,12 @@ def test_devices_and_dtypes():
 @pytest.fixture(scope="module")
 def sd2_like_dir(tmp_path_factory):
     """An SD-2.x-like tiny model: another token width (48) and a v-prediction scheduler."""
-    from toyworld.sd_layout import SDShape, build_pipeline
-    from toyworld.tokenizer import build_clip_tokenizer
     from helpers import WORDS
 
-    folder = tmp_path_factory.mktemp("sd2")
-    pipe = build_pipeline(SDShape(text_width=48, text_heads=4), build_clip_tokenizer(WORDS, folder / "vocab"))
-    pipe.scheduler.register_to_config(prediction_type="v_prediction")
-    pipe.save_pretrained(folder / "model")
-    return folder / "model"
+    from neti.testing import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("sd2"), WORDS, prediction_type="v_prediction", text_width=48,
+                      text_heads=4)
 
 
 def test_another_width_and_v_prediction_train_against_the_velocity(sd2_like_dir):

@@ -218,20 +218,20 @@ def test_a_thumbnail_follows_its_concept_through_rename_and_delete(tmp_path, tin
 
 def test_resume_extends_a_concept_from_its_checkpoint_and_the_last_preview_becomes_its_thumbnail(tiny_model_dir,
                                                                                                  tmp_path):
+    from neti.config import PreviewConfig, TrainConfig
     from neti.data import LoadedImage
     from neti.studio import Studio
-    from neti.train import TrainConfig
 
     studio = Studio(str(tiny_model_dir), tmp_path / "concepts", None, device="cpu", output_dir=tmp_path / "out")
     images = [LoadedImage(None, Image.new("RGB", (32, 32), c), None) for c in ("red", "blue", "green")]
-    config = TrainConfig(steps=2, grad_accum=1, checkpoint_every=1, preview_every=2, preview_steps=1)
+    config, previews = TrainConfig(steps=2, grad_accum=1, checkpoint_every=1), PreviewConfig(every=2, steps=1)
     with pytest.raises(ValueError, match="no concept named 'r'"):
-        studio.start_training(images, "r", "<r>", "cat", config, resume=True)
-    studio.start_training(images, "r", "<r>", "cat", config)
+        studio.start_training(images, "r", "<r>", "cat", config, previews, resume=True)
+    studio.start_training(images, "r", "<r>", "cat", config, previews)
     assert studio.training.wait(600).status == "finished"
     wait_for(lambda: studio.library.thumbnail("r"), lambda path: path is not None)  # the event: on_done ran
     with pytest.raises(ValueError, match="already exists"):
-        studio.start_training(images, "r", "<r>", "cat", config)
+        studio.start_training(images, "r", "<r>", "cat", config, previews)
     snap = studio.start_training(images, "r", "<r>", "cat", TrainConfig(steps=3, grad_accum=1, checkpoint_every=1),
                                  resume=True)
     assert snap.config.steps == 3
@@ -298,14 +298,14 @@ def test_no_clip_for_another_model_offline_means_no_curve(tmp_path):
 
 
 def test_keep_step_makes_the_concept_an_earlier_preview_step(tiny_model_dir, tmp_path):
+    from neti.config import PreviewConfig, TrainConfig
     from neti.data import LoadedImage
     from neti.studio import Studio
-    from neti.train import TrainConfig
 
     studio = Studio(str(tiny_model_dir), tmp_path / "concepts", None, device="cpu", output_dir=tmp_path / "out")
     images = [LoadedImage(None, Image.new("RGB", (32, 32), c), None) for c in ("red", "blue", "green")]
-    studio.start_training(images, "k", "<k>", "cat", TrainConfig(steps=2, grad_accum=1, checkpoint_every=0,
-                                                                 preview_every=1, preview_steps=1))
+    studio.start_training(images, "k", "<k>", "cat", TrainConfig(steps=2, grad_accum=1, checkpoint_every=0),
+                          PreviewConfig(every=1, steps=1))
     done = studio.training.wait(600)
     assert done.status == "finished" and done.kept_steps == (1, 2) and done.scores == ()  # no CLIP for this model
     final = studio.library.load("k").mapper.state_dict()

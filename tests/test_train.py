@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from neti.concept import Concept
+from neti.config import PreviewConfig
+from neti.previews import Previews
 from neti.train import TrainConfig, Trainer, TrainingCallback
 
 
@@ -38,7 +40,7 @@ def images():
 
 
 def quick(**overrides) -> TrainConfig:
-    values = dict(steps=6, batch_size=2, grad_accum=1, checkpoint_every=0, preview_every=0)
+    values = dict(steps=6, batch_size=2, grad_accum=1, checkpoint_every=0)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -61,21 +63,21 @@ def test_thirty_steps_lower_the_loss_on_a_fixed_batch_and_the_concept_generates(
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_pipe, images, tmp_path):
-    """Training 10 steps equals training 5, stopping, resuming from the checkpoint and training 5 more."""
-    cfg = quick(steps=10, grad_accum=2, checkpoint_every=5)
+    """Training 6 steps equals training 3, stopping, resuming from the checkpoint and training 3 more."""
+    cfg = quick(steps=6, grad_accum=2, checkpoint_every=3)
     straight = Trainer(tiny_pipe, images, "<thing>", "cat", cfg).train(tmp_path / "a.safetensors").concept
     first = Trainer(tiny_pipe, images, "<thing>", "cat", cfg)
-    first.callbacks.append(_StopAt(first, 5))
-    assert first.train(tmp_path / "b.safetensors").steps_done == 5
+    first.callbacks.append(_StopAt(first, 3))
+    assert first.train(tmp_path / "b.safetensors").steps_done == 3
     checkpoints = sorted((tmp_path / "b-checkpoints").glob("*.safetensors"))
-    assert [p.name for p in checkpoints] == ["checkpoint-000005.safetensors"]
+    assert [p.name for p in checkpoints] == ["checkpoint-000003.safetensors"]
     resumed = Trainer(tiny_pipe, images, "<thing>", "cat", cfg)
     result = resumed.train(tmp_path / "b.safetensors", resume=tmp_path / "b-checkpoints")
-    assert result.steps_done == 10
+    assert result.steps_done == 6
     for (name, a), (_, b) in zip(straight.mapper.state_dict().items(), result.concept.mapper.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
     assert not torch.equal(straight.mapper.state_dict()["output_layer.weight"],
-                           first.concept.mapper.state_dict()["output_layer.weight"])  # 5 steps differ from 10
+                           first.concept.mapper.state_dict()["output_layer.weight"])  # 3 steps differ from 6
 
 
 class _StopAt(TrainingCallback):
@@ -144,10 +146,10 @@ class Recorder(TrainingCallback):
 
 
 def test_callbacks_fire_with_documented_values_including_a_step_zero_preview(tiny_pipe, images, tmp_path):
-    cfg = quick(steps=4, grad_accum=2, checkpoint_every=2, keep_checkpoints=1, preview_every=2,
-                preview_prompts=("a photo of a {}", "a sketch of a {}"), preview_seeds=(5, 6), preview_steps=2)
+    cfg = quick(steps=4, grad_accum=2, checkpoint_every=2, keep_checkpoints=1)
+    previews = PreviewConfig(every=2, prompts=("a photo of a {}", "a sketch of a {}"), seeds=(5, 6), steps=2)
     rec = Recorder()
-    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", cfg, callbacks=[rec])
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", cfg, callbacks=[rec, Previews("<thing>", previews)])
     trainer.train(tmp_path / "c.safetensors")
     assert [s.step for s in rec.steps] == [1, 2, 3, 4]
     assert all(s.total_steps == 4 and math.isfinite(s.loss) and s.seconds_per_step > 0 for s in rec.steps)
@@ -156,8 +158,10 @@ def test_callbacks_fire_with_documented_values_including_a_step_zero_preview(tin
     assert all(len(p.images) == 4 and p.seeds == [5, 6, 5, 6] for p in rec.previews)
     assert rec.previews[0].prompts == ["a photo of a {}"] * 2 + ["a sketch of a {}"] * 2
     assert [c.step for c in rec.checkpoints] == [2, 4]  # the final step too: a finished run can be extended
-    again = Recorder()
-    Trainer(tiny_pipe, images, "<thing>", "cat", cfg, callbacks=[again]).train(tmp_path / "d.safetensors")
+    again = Recorder()  # a second run's step-0 preview (the run stops there) is the same image
+    second = Trainer(tiny_pipe, images, "<thing>", "cat", cfg, callbacks=[Previews("<thing>", previews), again])
+    again.on_preview = lambda info: (again.previews.append(info), second.cancel())
+    second.train(tmp_path / "d.safetensors")
     assert np.array_equal(np.asarray(rec.previews[0].images[0]), np.asarray(again.previews[0].images[0]))
 
 
@@ -305,16 +309,17 @@ def test_divergence_without_a_checkpoint_writes_nothing_and_nan_weights_are_neve
 
 def test_a_run_stopped_before_its_first_step_saves_no_concept(tiny_pipe, images, tmp_path):
     rec = Recorder()
-    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(preview_every=1, preview_steps=1), callbacks=[rec])
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(),
+                      callbacks=[rec, Previews("<thing>", PreviewConfig(every=1, steps=1))])
     trainer.cancel()  # e.g. Stop pressed while the app was still setting up
     result = trainer.train(tmp_path / "c.safetensors")
     assert result.cancelled and result.steps_done == 0 and not result.saved
     assert rec.previews == [] and list(tmp_path.iterdir()) == []
 
 
-def test_a_preview_prompt_without_the_concept_is_refused_at_set_up(tiny_pipe, images):
+def test_a_preview_prompt_without_the_concept_is_refused_at_set_up():
     with pytest.raises(ValueError, match=r"'a photo of a cat' does not contain the concept's token '<thing>'"):
-        Trainer(tiny_pipe, images, "<thing>", "cat", quick(preview_every=1, preview_prompts=("a photo of a cat",)))
+        Previews("<thing>", PreviewConfig(every=1, prompts=("a photo of a cat",)))
 
 
 @pytest.mark.parametrize("resume_from", ["concept", "checkpoints"])

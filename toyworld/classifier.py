@@ -123,7 +123,7 @@ def load_classifier(folder: str | Path = CLASSIFIER_PATH) -> AttributeClassifier
 
 def train_classifier(args) -> None:
     """Train on World(seed) images rendered on the fly; report accuracy on World(seed + 1)."""
-    from toyworld.train import Progress, image_pool, load_checkpoint, optimise, pool_batch, save_atomic, step_generator
+    from toyworld.loop import Progress, image_pool, load_checkpoint, optimise, pool_batch, save_atomic, step_generator
     from toyworld.world import World, dataset
 
     path = args.checkpoints / "classifier.pt"

@@ -145,7 +145,7 @@ def prompt_set_loss(model, processor, image_features: torch.Tensor, scenes: list
 def train_clip(args) -> None:
     """Contrastive (InfoNCE, symmetric) training on World(seed) images; zero-shot report on World(seed + 1)."""
     from toyworld.model import build_tokenizer
-    from toyworld.train import Progress, cosine, image_pool, load_checkpoint, optimise, pool_batch, save_atomic
+    from toyworld.loop import Progress, cosine, image_pool, load_checkpoint, optimise, pool_batch, save_atomic
     from toyworld.world import dataset
 
     path = args.checkpoints / "clip.pt"

@@ -13,8 +13,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from toyworld.sd_layout import SD_SCHEDULER_CONFIG, SDShape, build_text_encoder, build_unet
-from toyworld.tokenizer import build_clip_tokenizer
+from neti.testing.sd_layout import SD_SCHEDULER_CONFIG, SDShape, build_text_encoder, build_unet
+from neti.testing.tokenizer import build_clip_tokenizer
 from toyworld.world import vocabulary
 
 logger = logging.getLogger(__name__)

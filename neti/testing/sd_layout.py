@@ -1,8 +1,9 @@
-"""Stable-Diffusion-1.x-shaped components built from configs, with random weights.
+"""Stable-Diffusion-1.x-shaped components built from configs, with random weights (NeTI Sec. 3's layer axis).
 
-One builder serves three sizes: the tiny pipelines of the test suite, the bundled toy model, and the full-size
-SD 1.5 shape used by the GPU benchmark. The UNet always has SD 1.x's block types and `layers_per_block=2`, so it
-has SD's 16 cross-attention layers under SD's module names (NeTI paper, Sec. 3: the space axis of P*).
+One builder serves three sizes: the tiny pipelines of the test suite, the bundled toy model (toyworld), and the
+full-size SD 1.5 shape used by the GPU benchmark. The UNet always has SD 1.x's block types and
+`layers_per_block=2`, so it has SD's 16 cross-attention layers under SD's module names (NeTI paper, Sec. 3: the
+space axis of P*).
 """
 
 from __future__ import annotations

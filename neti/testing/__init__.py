@@ -1,6 +1,9 @@
-"""Helpers for the project's own tests and benchmarks: the Gradio app (app.py) as a subprocess on a free port.
+"""Helpers for the project's own tests and benchmarks: tiny SD-shaped models, and the Gradio app as a subprocess.
 
-Like `transformers.testing_utils`, this is not part of the public API; it needs a source checkout (app.py).
+Like `transformers.testing_utils`, this is not part of the public API. `tiny_model` saves a random-weight
+pipeline with SD 1.x's 16 cross-attention layers (NeTI Sec. 3: the space axis of P*) at a test's size, the one
+builder the tests use (sd_layout.py, over a closed-vocabulary tokenizer, tokenizer.py); `AppServer` runs app.py
+(it needs a source checkout).
 """
 
 from __future__ import annotations
@@ -13,7 +16,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .paths import APP_SCRIPT, REPO_ROOT
+from ..paths import APP_SCRIPT, REPO_ROOT
+
+
+def tiny_model(folder: Path, words: list[str], seed: int = 0, prediction_type: str = "epsilon", **shape) -> Path:
+    """Save a random-weight SD-1.x-shaped pipeline (16 cross-attention layers; `SDShape`'s tiny sizes unless `shape`
+    says otherwise) whose tokenizer knows `words` as single tokens to `folder`/model (diffusers layout)."""
+    from .sd_layout import SDShape, build_pipeline
+    from .tokenizer import build_clip_tokenizer
+
+    shape = SDShape(**shape)
+    pipe = build_pipeline(shape, build_clip_tokenizer(words, folder / "vocab", max_length=shape.max_tokens), seed=seed)
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"
 
 
 def free_port() -> int:

@@ -1,4 +1,7 @@
-"""A word-level CLIP byte-pair tokenizer for a closed vocabulary.
+"""A word-level CLIP byte-pair tokenizer for a closed vocabulary, for tiny test models and the toy model.
+
+NeTI (Sec. 3) learns a new token's representation in CLIP's text space; the tiny models need a real
+`CLIPTokenizer` so that placeholders, super-categories and prompts tokenize as they do on Stable Diffusion.
 
 `transformers.CLIPTokenizer` reads a `vocab.json` and `merges.txt` in OpenAI CLIP's byte-level BPE format. For
 a small world we write such files ourselves: every byte as a symbol (so any text still tokenizes, letter by
