@@ -352,7 +352,7 @@ def poll(seen_training: tuple, seen_library, multi, geo, app_, explore):
     if version == seen_version:
         train_out = (gr.skip(),) * 10
     else:  # the gallery only when a preview arrived (re-encoding the history every step would be wasted work)
-        message = "" if snap.status == "failed" else gr.skip()  # no "Started training" next to the failure
+        message = gr.skip() if snap.running else ""  # "Started …" or "Stopping …" ends with the run
         train_out = (*training_view(snap, previews_ != seen_previews, scores != seen_scores), message)
     if library != seen_library:
         added = [e[0] for e in library if seen_library is not None and e[0] not in {x[0] for x in seen_library}]
