@@ -1,7 +1,7 @@
 """NeTI Studio: train, generate, style-mix and explore NeTI concepts (Alaluf et al. 2023) in the browser.
 
 Layout and event wiring only; all work goes through `neti.studio`. Run:
-  python app.py [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share] [--concepts-dir concepts]
+  python app.py [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share] [--concepts-dir concepts] [--clip ID]
 """
 
 from __future__ import annotations
@@ -946,12 +946,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shipped-concepts-dir", default=str(SHIPPED_CONCEPTS_DIR),
                         help="read-only concepts shipped with the bundled model (default: assets/concepts/)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, mps")
+    parser.add_argument("--clip", default=None, help="CLIPModel (hub id, cached or local folder) that scores the "
+                        "training previews' fidelity and editability (default: the bundled toy CLIP for the bundled "
+                        "model; no curve for other models)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("neti").setLevel(logging.INFO)
     try:
-        _studio = Studio(args.model, args.concepts_dir, args.shipped_concepts_dir, device=args.device)
+        _studio = Studio(args.model, args.concepts_dir, args.shipped_concepts_dir, device=args.device, clip=args.clip)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     demo.queue(default_concurrency_limit=2).launch(

@@ -140,8 +140,9 @@ class Studio:
 
     def __init__(self, model: str | None = None, concepts_dir: str | os.PathLike = DEFAULT_CONCEPTS_DIR,
                  shipped_dir: str | os.PathLike | None = SHIPPED_CONCEPTS_DIR, device: str | None = None,
-                 output_dir: str | os.PathLike | None = None):
+                 output_dir: str | os.PathLike | None = None, clip: str | os.PathLike | None = None):
         self.library = ConceptLibrary(concepts_dir, shipped_dir)
+        self.clip = clip  # the CLIP that scores training previews (None: the bundled toy CLIP for the bundled model)
         self.training = TrainingManager()
         self.device = device
         self.output_dir = Path(output_dir or Path(tempfile.gettempdir()) / "neti-studio" / "outputs")
@@ -346,7 +347,7 @@ class Studio:
         """The CLIP that scores training previews for the loaded model (`neti.fidelity.default_judge`), loaded
         once; None when there is none (the fidelity/editability curve is then absent)."""
         if self.model_name not in self._judges:
-            self._judges[self.model_name] = default_judge(self.model_name)
+            self._judges[self.model_name] = default_judge(self.model_name, self.clip)
         return self._judges[self.model_name]
 
     def keep_step(self, step: int) -> str:

@@ -297,6 +297,21 @@ def test_no_clip_for_another_model_offline_means_no_curve(tmp_path):
     assert default_judge(str(tmp_path), clip=tmp_path / "missing-clip") is None
 
 
+def test_a_named_clip_scores_the_previews_of_any_model(tiny_model_dir, clip_dir, tmp_path):
+    from neti.config import PreviewConfig, TrainConfig
+    from neti.data import LoadedImage
+    from neti.studio import Studio
+
+    studio = Studio(str(tiny_model_dir), tmp_path / "concepts", None, device="cpu", output_dir=tmp_path / "out",
+                    clip=clip_dir)
+    images = [LoadedImage(None, Image.new("RGB", (32, 32), c), None) for c in ("red", "blue", "green")]
+    studio.start_training(images, "c", "<c>", "cat", TrainConfig(steps=2, grad_accum=1, checkpoint_every=0),
+                          PreviewConfig(every=1, steps=1, prompts=("a photo of a {}", "a {} on the beach")))
+    done = studio.training.wait(600)
+    assert done.status == "finished" and [s.step for s in done.scores] == [0, 1, 2] and done.best_step in (1, 2)
+    assert "best fidelity/editability trade-off at step" in done.summary()
+
+
 def test_keep_step_makes_the_concept_an_earlier_preview_step(tiny_model_dir, tmp_path):
     from neti.config import PreviewConfig, TrainConfig
     from neti.data import LoadedImage
