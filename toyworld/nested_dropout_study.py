@@ -1,11 +1,14 @@
-"""Why a concept can lose its shape under nested dropout (NeTI Sec. 3.4), measured on a drawable concept.
+"""Why a concept can lose its shape or colours (NeTI Sec. 3.4), measured method against method on one concept.
 
-A purple dotted star on five backgrounds: every attribute has a word, so the base model can draw it and the
-classifier can judge it. Each variant trains NeTI from the same seed with checkpoints along the way; each
-checkpoint renders "a photo of a {} on a white background" over many seeds at full truncation (and at a few
-truncations k), and the classifier counts stars, purple objects and dots.
+By default a purple dotted star on five backgrounds: every attribute has a word, so the base model can draw it
+and the classifier can judge it; `--concept` picks one of the shipped examples instead. Each variant trains from
+the same seed, on the photos with their captions, with checkpoints along the way; each checkpoint renders
+"a photo of a {} on a white background" over many seeds at full truncation (and at a few truncations k), and the
+classifier counts the concept's shape, body colour, colour pair and pattern.
 
     python -m toyworld.nested_dropout_study --variants default no_nested_dropout --steps 1000 --json study.json
+    python -m toyworld.nested_dropout_study --concept dotted-crescent --variants default no_nested_dropout xti \
+        --steps 500 --every 500 --truncations --json crescent.json
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toyworld.examples import ExampleConcept, write_examples
+from toyworld.examples import EXAMPLES, ExampleConcept, write_examples
 
 STAR = ExampleConcept("purple-dotted-star", "star", "purple", "dotted", None,
                       ("white", "green", "yellow", "black", "orange"), "shape", "a purple dotted star (all named)")
@@ -33,26 +36,33 @@ VARIANTS = {  # name -> TrainConfig overrides
 }
 
 
-def star_scene_examples(folder: Path) -> Path:
-    """Write the star's five captioned photos with the examples' writer."""
+CONCEPTS = {concept.name: concept for concept in (STAR, *EXAMPLES)}
+
+
+def scene_examples(thing: ExampleConcept, folder: Path) -> Path:
+    """Write the concept's five captioned photos with the examples' writer."""
     import toyworld.examples as examples
 
     saved = examples.EXAMPLES
     try:
-        examples.EXAMPLES = (STAR,)
+        examples.EXAMPLES = (thing,)
         write_examples(folder)
     finally:
         examples.EXAMPLES = saved
-    return folder / STAR.name
+    return folder / thing.name
 
 
-def rates(generator, concept, classifier, seeds: list[int], sampling, truncation=None) -> dict[str, float]:
-    from toyworld.personalization import judge
+def rates(generator, concept, thing: ExampleConcept, classifier, seeds: list[int], sampling,
+          truncation=None) -> dict[str, float]:
+    """Shares of images with the thing's shape, body colour, pattern and (unordered) colour pair."""
+    from toyworld.personalization import judge, second_colour, shows
 
     found = judge(classifier, generator.generate(PROMPT, [concept], seeds, sampling, truncation=truncation).images)
-    return {"star": float(np.mean([f["shape"] == "star" for f in found])),
-            "purple": float(np.mean([f["colour"] == "purple" for f in found])),
-            "dotted": float(np.mean([f["pattern"] == "dotted" for f in found]))}
+    flags = [shows(f, thing.shape, thing.colour, second_colour(thing), thing.pattern) for f in found]
+    return {"shape": float(np.mean([f["shape"] for f in flags])),
+            "colour": float(np.mean([f["colour"] == thing.colour for f in found])),
+            "colours": float(np.mean([f["colours"] for f in flags])),
+            "pattern": float(np.mean([f["pattern"] for f in flags]))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from toyworld.classifier import load_classifier
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concept", default=STAR.name, choices=list(CONCEPTS))
     parser.add_argument("--variants", nargs="+", default=["default", "no_nested_dropout"], choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=250, help="checkpoint (and measurement) interval")
@@ -75,19 +86,20 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(None, "cpu")
     generator = Generator(pipe)
     classifier = load_classifier(args.classifier) if args.classifier else load_classifier()
-    images = list(load_images(star_scene_examples(args.out)).pil_images)
+    thing = CONCEPTS[args.concept]
+    images = list(load_images(scene_examples(thing, args.out)))  # with their captions, as the CLI trains
     sampling, seeds, report = Sampling(steps=25), list(range(100, 100 + args.seeds)), {}
     for name in args.variants:
         config = TrainConfig(**{"steps": args.steps, "checkpoint_every": args.every, "seed": args.train_seed,
                                 "keep_checkpoints": args.steps // args.every + 1, **VARIANTS[name]})
         out = args.out / f"{name}-{args.train_seed}.safetensors"
-        Trainer(pipe, images, f"<star-{name}>", STAR.super_category, config).train(out)
+        Trainer(pipe, images, f"<{thing.name}-{name}>", thing.super_category, config).train(out)
         report[name] = {}
         for checkpoint in sorted((args.out / f"{out.stem}-checkpoints").glob("*.safetensors")):
             concept = Concept.load(checkpoint)
-            row = {"full": rates(generator, concept, classifier, seeds, sampling)}
+            row = {"full": rates(generator, concept, thing, classifier, seeds, sampling)}
             for k in args.truncations if concept.config.method == "neti" else ():
-                row[str(k)] = rates(generator, concept, classifier, seeds, sampling, truncation=k)
+                row[str(k)] = rates(generator, concept, thing, classifier, seeds, sampling, truncation=k)
             report[name][checkpoint.stem] = row
             print(name, checkpoint.stem, json.dumps(row), flush=True)
     if args.json:
