@@ -13,13 +13,14 @@ import statistics
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from neti.conditioning import Encoding, TextConditioner, TokenizedPrompt
+from neti.conditioning import TextConditioner, TokenizedPrompt
 from neti.paths import REPO_ROOT
 
 
@@ -86,7 +87,7 @@ def make_concept(pipe, method: str = "neti", token: str = "<bench>", super_categ
 
 def official_loop_encoding(conditioner: TextConditioner, prompt: TokenizedPrompt, concepts: dict,
                            timesteps: Sequence[float], num_layers: int, truncation: int | None = None,
-                           alpha: float = 0.2) -> Encoding:
+                           alpha: float = 0.2) -> "LoopEncoding":
     """All (t, l) encodings as the official code computes them: one text-encoder call per pair, batch 1."""
     keys, values = [], []
     one = torch.zeros(1, dtype=torch.long)
@@ -96,7 +97,13 @@ def official_loop_encoding(conditioner: TextConditioner, prompt: TokenizedPrompt
                                           concepts, truncation, alpha)
             keys.append(enc.keys[0]), values.append(enc.values[0])
     shape = (len(timesteps), num_layers, *keys[0].shape)
-    return Encoding(torch.stack(keys).view(shape), torch.stack(values).view(shape))
+    return LoopEncoding(torch.stack(keys).view(shape), torch.stack(values).view(shape))
+
+
+@dataclass(frozen=True)
+class LoopEncoding:
+    keys: torch.Tensor  # (T, L, S, D), stored whole
+    values: torch.Tensor
 
 
 # ---- timing --------------------------------------------------------------------------------------------------
