@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .precision import DEFAULT_MIXED_PRECISION, MIXED_PRECISION
+
     p = sub.add_parser("train", help="train a concept from a few images")
     _model_args(p)
     p.add_argument("--images", nargs="+", required=True, help="a folder or image files")
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", choices=["center", "random"], default="center", help="how images are cropped square")
     p.add_argument("--flip-p", type=float, default=0.5, help="probability of a horizontal flip (0 for text, logos)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=DEFAULT_MIXED_PRECISION,
+                   help="auto: follow the weights (fp16 on CUDA, trained with loss scaling); no: fp32 weights")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--keep-checkpoints", type=int, default=3)
@@ -200,6 +203,7 @@ def cmd_train(args) -> None:
     from .data import load_images
     from .images import make_grid, save_png
     from .models import load_pipeline
+    from .precision import training_weights_dtype
     from .train import TrainConfig, Trainer, TrainingCallback, resumable_checkpoint
 
     out = Path(args.out)  # everything that can be checked is checked before the model loads
@@ -238,7 +242,7 @@ def cmd_train(args) -> None:
             save_png(grid, previews / f"step-{info.step:06d}.png",
                      {"step": info.step, "prompts": list(config.preview_prompts), "seeds": list(config.preview_seeds)})
 
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, training_weights_dtype(args.mixed_precision))
     progress = Progress()
     trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress])
     progress.bar = tqdm(total=config.steps, desc=args.token, unit="step", disable=None)  # None: off if not a tty

@@ -36,11 +36,11 @@ from .config import DEFAULT_BYPASS_ALPHA, METHODS, MapperConfig, _known_fields
 from .data import CROP_MODES, ConceptDataset, LoadedImage, image_warnings, template_kind
 from .layers import cross_attention_layers
 from .models import model_label
+from .precision import DEFAULT_MIXED_PRECISION, MIXED_PRECISION, resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 
 BASE_LEARNING_RATES = {"neti": 1e-3, "xti": 6.25e-4, "ti": 5e-4}  # before scaling by batch x accumulation
-MIXED_PRECISION = ("no", "fp16", "bf16")
 ABLATIONS = ("no_positional_encoding", "no_nested_dropout", "no_bypass", "no_rescaling", "time_only", "space_only")
 
 
@@ -65,7 +65,7 @@ class TrainConfig:
     crop: str = "center"
     resolution: int | None = None  # None: the base model's resolution
     seed: int = 0
-    mixed_precision: str = "no"  # "no", "fp16" (CUDA), "bf16"
+    mixed_precision: str = DEFAULT_MIXED_PRECISION  # "auto" (follow the weights), "no", "fp16" (CUDA), "bf16"
     gradient_checkpointing: bool = False
     per_layer_conditioning: bool = False  # the official loop: one text-encoder pass per layer (for benchmarks)
     checkpoint_every: int = 100  # optimisation steps between checkpoints; 0 turns them off
@@ -238,13 +238,12 @@ class Trainer:
 
         cfg = self.config
         device = self.pipe.device
-        if cfg.mixed_precision == "fp16" and device.type != "cuda":
-            raise ValueError("mixed_precision 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this device")
+        precision = resolve_mixed_precision(cfg.mixed_precision, self.pipe.unet.dtype, device)
         from accelerate.state import AcceleratorState
 
-        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
             AcceleratorState._reset_state()  # a later trainer in this process may use another precision
-        self._accelerator = accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+        self._accelerator = accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
         lr = cfg.base_learning_rate()
         if cfg.scale_lr:
             lr *= cfg.batch_size * cfg.grad_accum * accelerator.num_processes
