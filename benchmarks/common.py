@@ -102,8 +102,17 @@ def official_loop_encoding(conditioner: TextConditioner, prompt: TokenizedPrompt
 
 @dataclass(frozen=True)
 class LoopEncoding:
-    keys: torch.Tensor  # (T, L, S, D), stored whole
+    """The official loop's encodings, stored whole; `Generator.render` reads them one step at a time."""
+
+    keys: torch.Tensor  # (T, L, S, D)
     values: torch.Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.keys.shape[0]
+
+    def step(self, i: int) -> "LoopEncoding":
+        return LoopEncoding(self.keys[i], self.values[i])
 
 
 # ---- timing --------------------------------------------------------------------------------------------------
