@@ -182,6 +182,9 @@ def test_the_cache_budget_defaults_by_device_and_zero_turns_it_off(tiny_pipe):
     assert len(off._cache) == 0
     with pytest.raises(ValueError, match="cache_bytes must be a non-negative integer"):
         TextConditioner(tiny_pipe.tokenizer, tiny_pipe.text_encoder, cache_bytes=-1)
+    from neti.generate import Generator
+
+    assert Generator(tiny_pipe, cache_bytes=12345).conditioner.cache_budget == 12345
 
 
 def test_an_offloaded_cache_renders_the_same_images(tiny_pipe, tiny_model_dir, generator):
