@@ -153,6 +153,17 @@ def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: fl
     pipe.to(torch.float32)
 
 
+def each_precision(pipe, half: torch.dtype, deadline: float, what: str):
+    """fp32, then `half`, with `pipe` moved to each; none once the budget is spent; `pipe` ends in fp32."""
+    for precision in ("fp32", "fp16" if half == torch.float16 else "bf16"):
+        if time.perf_counter() > deadline:
+            print(f"budget spent: skipping {what} {precision}")
+            continue
+        pipe.to(torch.float32 if precision == "fp32" else half)
+        yield precision
+    pipe.to(torch.float32)
+
+
 def bench_generation(pipe, original: dict, args, results: Results, half: torch.dtype, deadline: float) -> None:
     """`original`: diffusers' own attention processors of the UNet, for the plain pipeline."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -161,12 +172,7 @@ def bench_generation(pipe, original: dict, args, results: Results, half: torch.d
 
     sampling = Sampling(steps=args.gen_steps, guidance=7.5)
     device = pipe.device
-    half_name = "fp16" if half == torch.float16 else "bf16"
-    for precision in ("fp32", half_name):
-        if time.perf_counter() > deadline:
-            print(f"budget spent: skipping generation {precision}")
-            continue
-        pipe.to(torch.float32 if precision == "fp32" else half)
+    for precision in each_precision(pipe, half, deadline, "generation"):
         pipe.unet.set_attn_processor(dict(original))  # training installed NeTI's; start from diffusers' own
         gen = Generator(pipe, f"random {args.shape} shape")
         neti_processors = dict(pipe.unet.attn_processors)
@@ -207,7 +213,6 @@ def bench_generation(pipe, original: dict, args, results: Results, half: torch.d
         finally:
             pipe.unet.set_attn_processor(dict(original))
         results.add("generation", row)
-    pipe.to(torch.float32)
 
 
 def bench_conditioning(pipe, args, results: Results, half: torch.dtype, deadline: float) -> None:
@@ -217,12 +222,7 @@ def bench_conditioning(pipe, args, results: Results, half: torch.dtype, deadline
     from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, Generator, Sampling, inference
 
     device = pipe.device
-    half_name = "fp16" if half == torch.float16 else "bf16"
-    for precision in ("fp32", half_name):
-        if time.perf_counter() > deadline:
-            print(f"budget spent: skipping conditioning {precision}")
-            continue
-        pipe.to(torch.float32 if precision == "fp32" else half)
+    for precision in each_precision(pipe, half, deadline, "conditioning"):
         gen = Generator(pipe, f"random {args.shape} shape")
         concept = make_concept(pipe, "neti").to(device)
         tokenized, by_token, _ = gen.prepare(PROMPT, [concept])
@@ -247,7 +247,6 @@ def bench_conditioning(pipe, args, results: Results, half: torch.dtype, deadline
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"
             results.add("conditioning", row)
-    pipe.to(torch.float32)
 
 
 def markdown(data: dict) -> str:
