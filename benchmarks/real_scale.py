@@ -127,7 +127,8 @@ def conditioning(shape, steps: int, prefix_rows: int) -> dict:
         decomposition = time.perf_counter() - started
         out["seconds"]["decomposition, 6 fixed timesteps (measured)"] = round(decomposition, 2)
         out["seconds"]["decomposition at 800 rows per timestep (per-row time x 4,800)"] = round(per_row * 4800, 1)
-    out["prefix"] = prefix_bound(conditioner, prompt, prefix_rows)
+    if prefix_rows:
+        out["prefix"] = prefix_bound(conditioner, prompt, prefix_rows)
     return out
 
 
@@ -259,7 +260,7 @@ def main(argv=None) -> None:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="conditioning")
     parser.add_argument("--steps", type=int, default=None,
                         help="conditioning: steps timed (default 10); generation: denoising steps (default 50)")
-    parser.add_argument("--prefix-rows", type=int, default=52, help="rows timed for the prefix bound")
+    parser.add_argument("--prefix-rows", type=int, default=52, help="rows timed for the prefix bound (0: skip it)")
     parser.add_argument("--resolution", type=int, default=64, help="generation: image side in pixels")
     parser.add_argument("--batch", type=int, default=2, help="training: samples per micro-batch (paper: 2)")
     parser.add_argument("--threads", type=int, default=1)
