@@ -10,7 +10,8 @@ Measures, for NeTI (all layers' conditioning in one batched text-encoder pass) a
 conditioning loop (NeTI Sec. 4; `TrainConfig(per_layer_conditioning=True)` in training, one text-encoder call per
 (t, l) pair at inference):
 - training: optimisation steps per second and peak GPU memory, paper settings (batch 2, accumulation 4, 512 px),
-  in fp32 and in fp16 (frozen model in fp16, autocast; bf16 on the CPU) with and without gradient checkpointing;
+  in fp32 and in fp16 (frozen model in fp16, autocast; bf16 on the CPU) with and without gradient checkpointing
+  (without: the default, which still checkpoints the text encoder; with: the UNet too);
 - generation: one image at the model's resolution, 50 DPM-Solver steps, guidance 7.5, fp32 and fp16, NeTI vs the
   per-layer conditioning vs diffusers' plain `StableDiffusionPipeline` on the same weights;
 - conditioning (docs/efficiency.md): the 50 x 16 grid's time and peak memory chunked by the memory budget against
