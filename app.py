@@ -949,12 +949,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", default=None, help="CLIPModel (hub id, cached or local folder) that scores the "
                         "training previews' fidelity and editability (default: the bundled toy CLIP for the bundled "
                         "model; no curve for other models)")
+    parser.add_argument("--cache-mb", type=float, default=None, help="memory for cached prompt encodings (default: "
+                        "2048 on the CPU, 512 on a GPU; 0: no cache; docs/efficiency.md)")
+    parser.add_argument("--offload-cache", action="store_true", help="keep cached encodings in CPU memory")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("neti").setLevel(logging.INFO)
     try:
-        _studio = Studio(args.model, args.concepts_dir, args.shipped_concepts_dir, device=args.device, clip=args.clip)
+        cache = None if args.cache_mb is None else int(args.cache_mb * 2**20)
+        _studio = Studio(args.model, args.concepts_dir, args.shipped_concepts_dir, device=args.device, clip=args.clip,
+                         cache_bytes=cache, offload_cache=args.offload_cache)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     demo.queue(default_concurrency_limit=2).launch(

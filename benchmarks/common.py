@@ -13,14 +13,14 @@ import statistics
 import subprocess
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from neti.conditioning import Encoding, TextConditioner, TokenizedPrompt
+from neti.conditioning import TextConditioner, TokenizedPrompt
 from neti.config import DEFAULT_BYPASS_ALPHA
 from neti.paths import REPO_ROOT
 
@@ -97,7 +97,7 @@ def per_layer_trainer():
 
 def official_loop_encoding(conditioner: TextConditioner, prompt: TokenizedPrompt, concepts: dict,
                            timesteps: Sequence[float], num_layers: int, truncation: int | None = None,
-                           alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
+                           alpha: float = DEFAULT_BYPASS_ALPHA) -> "LoopEncoding":
     """All (t, l) encodings as the official code computes them: one text-encoder call per pair, batch 1."""
     keys, values = [], []
     one = torch.zeros(1, dtype=torch.long)
@@ -107,7 +107,22 @@ def official_loop_encoding(conditioner: TextConditioner, prompt: TokenizedPrompt
                                           concepts, truncation, alpha)
             keys.append(enc.keys[0]), values.append(enc.values[0])
     shape = (len(timesteps), num_layers, *keys[0].shape)
-    return Encoding(torch.stack(keys).view(shape), torch.stack(values).view(shape))
+    return LoopEncoding(torch.stack(keys).view(shape), torch.stack(values).view(shape))
+
+
+@dataclass(frozen=True)
+class LoopEncoding:
+    """The official loop's encodings, stored whole; `Generator.render` reads them one step at a time."""
+
+    keys: torch.Tensor  # (T, L, S, D)
+    values: torch.Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.keys.shape[0]
+
+    def step(self, i: int) -> "LoopEncoding":
+        return LoopEncoding(self.keys[i], self.values[i])
 
 
 # ---- timing --------------------------------------------------------------------------------------------------

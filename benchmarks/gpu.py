@@ -1,15 +1,21 @@
-"""GPU benchmark on a full-size SD-1.5-shaped pipeline with random weights (nothing is downloaded).
+"""GPU benchmark on full-size SD 1.5- and SD 2.1-shaped pipelines with random weights (nothing is downloaded):
+the published configs and CLIP's real vocabulary size (49,408 token embeddings).
 
-    python -m benchmarks.gpu            # one command, ~5-8 minutes on an H100 / H200
-    python -m benchmarks.gpu --smoke    # a tiny shape on the CPU, to check the script itself
+    python -m benchmarks.gpu                  # SD 1.5, one command, ~5-8 minutes on an H100 / H200
+    python -m benchmarks.gpu --shape sd21     # SD 2.1 (768 px, v-prediction, 23-layer 1024-wide text encoder)
+    python -m benchmarks.gpu --smoke          # a tiny shape on the CPU, to check the script itself
+    python -m benchmarks.gpu --smoke --shape sd21
 
 Measures, for NeTI (all layers' conditioning in one batched text-encoder pass) and for the official per-layer
 conditioning loop (NeTI Sec. 4; `common.per_layer_trainer()` in training, one text-encoder call per
 (t, l) pair at inference):
 - training: optimisation steps per second and peak GPU memory, paper settings (batch 2, accumulation 4, 512 px),
-  in fp32 and in fp16 (frozen model in fp16, autocast; bf16 on the CPU) with and without gradient checkpointing;
-- generation: one 512-px image, 50 DPM-Solver steps, guidance 7.5, fp32 and fp16, NeTI vs the per-layer
-  conditioning vs diffusers' plain `StableDiffusionPipeline` on the same weights.
+  in fp32 and in fp16 (frozen model in fp16, autocast; bf16 on the CPU) with and without gradient checkpointing
+  (without: the default, which still checkpoints the text encoder; with: the UNet too);
+- generation: one image at the model's resolution, 50 DPM-Solver steps, guidance 7.5, fp32 and fp16, NeTI vs the
+  per-layer conditioning vs diffusers' plain `StableDiffusionPipeline` on the same weights;
+- conditioning (docs/efficiency.md): the 50 x 16 grid's time and peak memory chunked by the memory budget against
+  one call (the old accelerator default), a decomposition's 6 fixed timesteps, the cache's bytes per encoding.
 Results go to $OUT/gpu-benchmark.json if $OUT is set, else benchmarks/results/, and are rewritten after every
 measurement, so a run cut short keeps what it measured. `--budget` seconds stops starting new measurements.
 """
@@ -29,19 +35,28 @@ import torch
 
 from neti.paths import REPO_ROOT
 
-from .common import (choose_threads, environment, make_concept, median, official_loop_encoding, per_layer_trainer,
-                     side_by_side)
+from .common import (PeakMemory, choose_threads, environment, make_concept, median, official_loop_encoding,
+                     per_layer_trainer, side_by_side, time_call)
 
 PROMPT = "a photo of a {}"
 
 
-def build_sd15(device: torch.device, smoke: bool):
-    """SD 1.5's architecture with random weights, built directly on `device` (the tiny test shape for --smoke)."""
-    from neti.testing.sd_layout import SD15, SDShape, build_pipeline
+def build_model(name: str, device: torch.device, smoke: bool):
+    """SD 1.5's or SD 2.1's architecture with random weights and CLIP's vocabulary size, built directly on `device`
+    (a tiny shape with the same kinds of blocks for --smoke)."""
+    from dataclasses import replace
+
+    from neti.testing.sd_layout import CLIP_VOCAB_SIZE, SD15, SD21, SDShape, build_pipeline
     from neti.testing.tokenizer import build_clip_tokenizer
     from toyworld.world import vocabulary
 
-    shape = SDShape(max_tokens=16) if smoke else SD15
+    if smoke:
+        shape = SDShape(max_tokens=16, vocab_size=1000)
+        if name == "sd21":
+            shape = replace(shape, unet_head_dim=(2, 2, 4, 4), linear_projection=True, text_act="gelu",
+                            prediction_type="v_prediction")
+    else:
+        shape = replace({"sd15": SD15, "sd21": SD21}[name], vocab_size=CLIP_VOCAB_SIZE)
     tokenizer = build_clip_tokenizer(vocabulary(), tempfile.mkdtemp(prefix="gpu-bench-vocab-"),
                                      max_length=shape.max_tokens)
     with torch.device(device):
@@ -52,7 +67,8 @@ def build_sd15(device: torch.device, smoke: bool):
 
 class Results:
     def __init__(self, path: Path, env: dict, settings: dict):
-        self.path, self.data = path, {"environment": env, "settings": settings, "training": [], "generation": []}
+        self.path, self.data = path, {"environment": env, "settings": settings, "training": [], "generation": [],
+                                      "conditioning": []}
 
     def add(self, kind: str, row: dict) -> None:
         self.data[kind].append(row)
@@ -109,7 +125,7 @@ def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: fl
                                      gradient_checkpointing=checkpointing)
                 probe = Steps()
                 trainer_cls = per_layer_trainer() if variant == "NeTI per-layer" else Trainer
-                trainer = trainer_cls(pipe, images, "<bench>", "shape", config, "random SD 1.5 shape", [probe])
+                trainer = trainer_cls(pipe, images, "<bench>", "shape", config, f"random {args.shape} shape", [probe])
                 before = [p.detach().clone() for p in trainer.concept.parameters()]
                 row = dict(variant=variant, precision=precision, gradient_checkpointing=checkpointing,
                            batch_size=2, grad_accum=args.grad_accum, resolution=res)
@@ -138,6 +154,17 @@ def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: fl
     pipe.to(torch.float32)
 
 
+def each_precision(pipe, half: torch.dtype, deadline: float, what: str):
+    """fp32, then `half`, with `pipe` moved to each; none once the budget is spent; `pipe` ends in fp32."""
+    for precision in ("fp32", "fp16" if half == torch.float16 else "bf16"):
+        if time.perf_counter() > deadline:
+            print(f"budget spent: skipping {what} {precision}")
+            continue
+        pipe.to(torch.float32 if precision == "fp32" else half)
+        yield precision
+    pipe.to(torch.float32)
+
+
 def bench_generation(pipe, original: dict, args, results: Results, half: torch.dtype, deadline: float) -> None:
     """`original`: diffusers' own attention processors of the UNet, for the plain pipeline."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -146,14 +173,9 @@ def bench_generation(pipe, original: dict, args, results: Results, half: torch.d
 
     sampling = Sampling(steps=args.gen_steps, guidance=7.5)
     device = pipe.device
-    half_name = "fp16" if half == torch.float16 else "bf16"
-    for precision in ("fp32", half_name):
-        if time.perf_counter() > deadline:
-            print(f"budget spent: skipping generation {precision}")
-            continue
-        pipe.to(torch.float32 if precision == "fp32" else half)
+    for precision in each_precision(pipe, half, deadline, "generation"):
         pipe.unet.set_attn_processor(dict(original))  # training installed NeTI's; start from diffusers' own
-        gen = Generator(pipe, "random SD 1.5 shape")
+        gen = Generator(pipe, f"random {args.shape} shape")
         neti_processors = dict(pipe.unet.attn_processors)
         concept = make_concept(pipe, "neti").to(device)
         plain = StableDiffusionPipeline(**{**pipe.components,
@@ -192,7 +214,40 @@ def bench_generation(pipe, original: dict, args, results: Results, half: torch.d
         finally:
             pipe.unet.set_attn_processor(dict(original))
         results.add("generation", row)
-    pipe.to(torch.float32)
+
+
+def bench_conditioning(pipe, args, results: Results, half: torch.dtype, deadline: float) -> None:
+    """The 50 x 16 conditioning grid: chunked by the memory budget (now) against one call (the old default on
+    accelerators), a decomposition's 6 fixed timesteps, and the bytes one cached encoding keeps."""
+    from neti.conditioning import TextConditioner
+    from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, Generator, Sampling, inference
+
+    device = pipe.device
+    for precision in each_precision(pipe, half, deadline, "conditioning"):
+        gen = Generator(pipe, f"random {args.shape} shape")
+        concept = make_concept(pipe, "neti").to(device)
+        tokenized, by_token, _ = gen.prepare(PROMPT, [concept])
+        timesteps = gen.timesteps(Sampling(steps=args.gen_steps))
+        for label, chunk_rows in (("memory budget", None), ("one call", len(timesteps) * gen.num_layers)):
+            conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder, chunk_rows=chunk_rows, cache_bytes=0)
+            row = dict(precision=precision, chunking=label, rows=len(timesteps) * gen.num_layers,
+                       rows_per_call=conditioner.rows_per_call(len(tokenized.ids), device, pipe.text_encoder.dtype))
+            try:
+                with inference(by_token.values()):
+                    conditioner.encode_grid(tokenized, by_token, timesteps, gen.num_layers)  # warm-up
+                    with PeakMemory(device) as peak:
+                        seconds = time_call(lambda: conditioner.encode_grid(tokenized, by_token, timesteps,
+                                                                            gen.num_layers), device)
+                    enc = conditioner.encode_grid(tokenized, by_token, timesteps, gen.num_layers)
+                    row.update(seconds=round(seconds, 4), peak_extra_mib=round(peak.peak_bytes / 2**20, 1),
+                               encoding_mib=round(enc.nbytes / 2**20, 1))
+                    if chunk_rows is None:
+                        fixed = [[float(t)] * len(timesteps) for t in DEFAULT_DECOMPOSITION_TIMESTEPS]
+                        row["decomposition_seconds"] = round(time_call(lambda: [
+                            conditioner.encode_grid(tokenized, by_token, ts, gen.num_layers) for ts in fixed], device), 4)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            results.add("conditioning", row)
 
 
 def markdown(data: dict) -> str:
@@ -208,6 +263,13 @@ def markdown(data: dict) -> str:
                      f"{s.get('per_layer', float('nan')):.2f} | {s.get('plain', float('nan')):.2f} | "
                      f"{r.get('neti_over_plain', float('nan')):.2f}x | {r.get('per_layer_over_neti', float('nan')):.2f}x |"
                      + (f" {r['error']}" if "error" in r else ""))
+    lines += ["", "| conditioning | chunking | rows per call | s | peak extra MiB | encoding MiB | decomposition s |",
+              "|---|---|---|---|---|---|---|"]
+    for r in data["conditioning"]:
+        lines.append(f"| {r['precision']}, {r['rows']} rows | {r['chunking']} | {r['rows_per_call']} | "
+                     f"{r.get('seconds', float('nan')):.3f} | {r.get('peak_extra_mib', float('nan'))} | "
+                     f"{r.get('encoding_mib', float('nan'))} | {r.get('decomposition_seconds', '')} |"
+                     + (f" {r['error']}" if "error" in r else ""))
     return "\n".join(lines)
 
 
@@ -220,7 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds after which no new measurement starts (default 420; none with --smoke)")
     p.add_argument("--json", default=None)
-    p.add_argument("--only", choices=["training", "generation"], default=None)
+    p.add_argument("--only", choices=["training", "generation", "conditioning"], default=None)
+    p.add_argument("--shape", choices=["sd15", "sd21"], default="sd15")
     args = p.parse_args(argv)
     started = time.perf_counter()
     deadline = started + (args.budget or (float("inf") if args.smoke else 420))
@@ -238,13 +301,15 @@ def main(argv=None) -> int:
                                              f"gpu-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         args.tmp = tmp
-        pipe, shape = build_sd15(device, args.smoke)
+        pipe, shape = build_model(args.shape, device, args.smoke)
         original = dict(pipe.unet.attn_processors)  # diffusers' SDPA processors, before NeTI installs its own
         results = Results(out, environment(device), {k: v for k, v in vars(args).items() if k != "tmp"}
                           | {"shape": repr(shape), "threads": threads, "build_seconds": round(time.perf_counter() - started, 1)})
         print(f"built {shape} on {device} in {time.perf_counter() - started:.1f} s", flush=True)
         if args.only in (None, "training"):
             bench_training(pipe, args, results, half, deadline)
+        if args.only in (None, "conditioning"):
+            bench_conditioning(pipe, args, results, half, deadline)
         if args.only in (None, "generation"):
             bench_generation(pipe, original, args, results, half, deadline)
         results.data["environment"]["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -252,7 +317,8 @@ def main(argv=None) -> int:
     print()
     print(markdown(results.data))
     print(f"\nwrote {out}")
-    return 0 if not any("error" in r for k in ("training", "generation") for r in results.data[k]) else 1
+    return 0 if not any("error" in r for k in ("training", "generation", "conditioning")
+                        for r in results.data[k]) else 1
 
 
 if __name__ == "__main__":

@@ -253,6 +253,7 @@ def cmd_train(args) -> None:
     from .images import make_grid, save_png
     from .models import load_pipeline
     from .fidelity import FidelityTracker, default_judge, write_scores
+    from .precision import training_weights_dtype
     from .previews import Previews
     from .train import Trainer, TrainingCallback
 
@@ -284,7 +285,7 @@ def cmd_train(args) -> None:
                      {"step": info.step, "prompts": list(preview_config.prompts), "seeds": list(preview_config.seeds),
                       "sampler_steps": preview_config.steps})
 
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, training_weights_dtype(config.mixed_precision))
     progress = Progress()
     trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress, previews])
     if preview_config.every:  # the concept at every preview step, and its CLIP scores when there is a CLIP

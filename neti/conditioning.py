@@ -9,10 +9,15 @@ cross-attention keys, the bypassed one the values (docs/method.md "Text conditio
 Placeholder tokens are never added to the tokenizer: a prompt is split around them, so a shared tokenizer and
 text encoder are never mutated and several concepts can share one prompt. A token matches only as a word of its
 own (`token_pattern`), the one rule training, generation and the app share.
+
+Exact savings (docs/efficiency.md): rows no concept can tell apart are encoded once (repeated timesteps, the fixed
+timestep of a decomposition, XTI's timesteps, TI's layers); the values are stored as the keys plus the bypassed
+placeholder rows, since the bypass changes only those tokens; the inference cache is bounded in bytes.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,12 +29,21 @@ from torch import nn
 
 from .config import DEFAULT_BYPASS_ALPHA
 
+logger = logging.getLogger(__name__)
+
 PLACEHOLDER = "{}"
-# Tokens (rows x sequence length) per text-encoder call. On the CPU small chunks keep the activations in cache:
-# 50 steps x 16 layers of the bundled model encode ~1.9x faster in chunks of 2,048 tokens than in one call
-# (benchmarks/README.md). Accelerators take one call for 50 steps x 16 layers x 77 tokens.
+# Tokens (rows x sequence length) per text-encoder call on the CPU, where small chunks keep the activations in
+# cache: 50 steps x 16 layers of the bundled model encode ~1.9x faster in chunks of 2,048 tokens than in one call
+# (benchmarks/README.md).
 CHUNK_TOKENS = {"cpu": 2048}
-DEFAULT_CHUNK_TOKENS = 65536
+# Elsewhere (accelerators) a chunk is sized by the transient memory of one encoder layer (`_layer_bytes_per_row`):
+# 256 MiB is ~118 rows of 77 tokens for SD 1.5 in fp16 and ~88 for SD 2.1, thousands of tokens per call.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Byte budget of the inference cache of encodings, by device type of the text encoder. One 50-step encoding of a
+# one-concept prompt stores its keys plus the placeholder rows: 95 MB for SD 1.5 in fp16, 126 MB for SD 2.1, twice
+# that in fp32; a decomposition's fixed timestep stores 1/50 of that.
+CACHE_BYTES = {"cpu": 2 * 2**30}
+DEFAULT_CACHE_BYTES = 512 * 2**20  # accelerators: ~5 SD 1.5 / 4 SD 2.1 fp16 encodings
 _TOKEN_LIKE = re.compile(r"<[^<>\s]+>")
 _BRACKETED = re.compile(r"<[^<>{}\s]+>")
 _BARE = re.compile(r"\w+")
@@ -44,8 +58,104 @@ class TokenizedPrompt:
 
 @dataclass(frozen=True)
 class Encoding:
+    """Text encodings of rows: the keys, and the values stored as the keys plus their bypassed placeholder rows.
+
+    The bypass changes the encoder's output only at the placeholder (the final LayerNorm acts per token), so the
+    values equal the keys everywhere else and `values` rebuilds them exactly.
+    """
+
     keys: torch.Tensor  # (..., S, D) plain encodings, for cross-attention keys
-    values: torch.Tensor  # (..., S, D) bypassed encodings, for cross-attention values
+    bypassed: torch.Tensor | None = None  # (..., P, D) the values at `positions`; None: the values are the keys
+    positions: torch.Tensor | None = None  # (..., P) long, the sequence positions of `bypassed`
+
+    @property
+    def values(self) -> torch.Tensor:
+        """(..., S, D) bypassed encodings, for cross-attention values."""
+        if self.bypassed is None:
+            return self.keys
+        index = self.positions.to(self.keys.device).unsqueeze(-1).expand(self.bypassed.shape)
+        return self.keys.scatter(-2, index, self.bypassed.to(self.keys.dtype))
+
+    def __getitem__(self, index) -> "Encoding":
+        """The rows at `index` of the leading dimensions."""
+        if self.bypassed is None:
+            return Encoding(self.keys[index])
+        return Encoding(self.keys[index], self.bypassed[index], self.positions[index])
+
+    def view(self, *lead: int) -> "Encoding":
+        """The same rows with leading dimensions `lead`."""
+        if self.bypassed is None:
+            return Encoding(self.keys.view(*lead, *self.keys.shape[-2:]))
+        return Encoding(self.keys.view(*lead, *self.keys.shape[-2:]),
+                        self.bypassed.view(*lead, *self.bypassed.shape[-2:]),
+                        self.positions.view(*lead, self.positions.shape[-1]))
+
+    def expand(self, *lead: int) -> "Encoding":
+        """A broadcast view with leading dimensions `lead` (no copy)."""
+        if self.bypassed is None:
+            return Encoding(self.keys.expand(*lead, -1, -1))
+        return Encoding(self.keys.expand(*lead, -1, -1), self.bypassed.expand(*lead, -1, -1),
+                        self.positions.expand(*lead, -1))
+
+    def to(self, device: torch.device | str) -> "Encoding":
+        if self.bypassed is None:
+            return Encoding(self.keys.to(device))
+        return Encoding(self.keys.to(device), self.bypassed.to(device), self.positions.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return storage_bytes(self.keys, self.bypassed, self.positions)
+
+
+@dataclass(frozen=True)
+class GridEncoding:
+    """All (timestep, layer) encodings of one prompt, each distinct row stored once.
+
+    `rows` holds the distinct timesteps x layers, (U, L', ...) with L' = 1 when no concept depends on the layer;
+    denoising step i reads `rows[step_rows[i]]`. `keys` and `values` give the full (T, L, S, D) grid.
+    """
+
+    rows: Encoding  # (U, L', S, D)
+    step_rows: tuple[int, ...]  # (T,) the stored timestep of each step
+    num_layers: int  # L
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_rows)
+
+    def step(self, i: int) -> Encoding:
+        """The (L, S, D) encodings of denoising step i."""
+        return self.rows[self.step_rows[i]].expand(self.num_layers)
+
+    def _grid(self, part: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(self.step_rows, device=part.device)
+        grid = part[index] if len(set(self.step_rows)) > 1 else part[self.step_rows[0]].unsqueeze(0)
+        return grid.expand(self.num_steps, self.num_layers, *part.shape[2:])
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._grid(self.rows.keys)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._grid(self.rows.values)
+
+    def to(self, device: torch.device | str) -> "GridEncoding":
+        return GridEncoding(self.rows.to(device), self.step_rows, self.num_layers)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+
+def storage_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the memory behind `tensors`, each storage counted once (broadcast views cost nothing)."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def check_token_text(token: str) -> str:
@@ -131,18 +241,44 @@ def _text_parts(text_encoder: nn.Module) -> nn.Module:
 
 
 class TextConditioner:
-    """Batched P* text encodings for one tokenizer / text encoder pair, with a cache for inference."""
+    """Batched P* text encodings for one tokenizer / text encoder pair, with a byte-bounded cache for inference.
 
-    def __init__(self, tokenizer, text_encoder: nn.Module, chunk_rows: int | None = None, cache_size: int = 16):
+    `chunk_rows` fixes the rows per text-encoder call (default: `CHUNK_TOKENS` on the CPU, `chunk_bytes` of
+    transient memory elsewhere). `cache_bytes` bounds the cache (default `CACHE_BYTES` for the text encoder's
+    device type); `offload_cache` keeps cached encodings in CPU memory, moved to the device one step at a time.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, chunk_rows: int | None = None,
+                 cache_bytes: int | None = None, offload_cache: bool = False,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        for name, value in (("chunk_rows", chunk_rows), ("cache_bytes", cache_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self.chunk_rows = chunk_rows  # None: by CHUNK_TOKENS for the encoder's device
-        self.cache_size = cache_size
-        self._cache: OrderedDict = OrderedDict()
+        self.chunk_rows = chunk_rows or None  # None: by CHUNK_TOKENS / chunk_bytes for the encoder's device
+        self.chunk_bytes = chunk_bytes
+        self.cache_bytes = cache_bytes  # None: CACHE_BYTES for the encoder's device; 0: no cache
+        self.offload_cache = offload_cache
+        self._cache: OrderedDict = OrderedDict()  # key -> (GridEncoding, its bytes)
 
     @property
     def max_length(self) -> int:
         return self.tokenizer.model_max_length
+
+    @property
+    def cache_budget(self) -> int:
+        """The cache's byte budget: `cache_bytes`, else the default for the text encoder's device type."""
+        if self.cache_bytes is not None:
+            return self.cache_bytes
+        device = _text_parts(self.text_encoder).embeddings.token_embedding.weight.device
+        return CACHE_BYTES.get(device.type, DEFAULT_CACHE_BYTES)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(size for _, size in self._cache.values())
 
     def embedding_of(self, token_id: int) -> torch.Tensor:
         return _text_parts(self.text_encoder).embeddings.token_embedding.weight[token_id].detach()
@@ -191,30 +327,32 @@ class TextConditioner:
         from transformers.masking_utils import create_causal_mask
 
         parts = _text_parts(self.text_encoder)
-        rows = self.chunk_rows or max(1, CHUNK_TOKENS.get(embeds.device.type, DEFAULT_CHUNK_TOKENS) // embeds.shape[1])
-        out = None
-        for start in range(0, embeds.shape[0], rows):
-            hidden = parts.embeddings(inputs_embeds=embeds[start:start + rows])
-            mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-            hidden = parts.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
-            if rows >= embeds.shape[0]:
-                return hidden
-            if out is None:
-                out = hidden.new_empty((embeds.shape[0], *hidden.shape[1:]))
-            out[start:start + rows] = hidden
-        return out
+        hidden = parts.embeddings(inputs_embeds=embeds)
+        mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        return parts.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+
+    def rows_per_call(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> int:
+        """Rows per text-encoder call: `chunk_rows`, else `CHUNK_TOKENS` tokens on the CPU, else as many rows as
+        fit `chunk_bytes` of one encoder layer's transient memory."""
+        if self.chunk_rows:
+            return self.chunk_rows
+        if device.type in CHUNK_TOKENS:
+            return max(1, CHUNK_TOKENS[device.type] // seq_len)
+        per_row = _layer_bytes_per_row(_text_parts(self.text_encoder).config, seq_len, dtype)
+        return max(1, self.chunk_bytes // per_row)
 
     def encode_rows(self, prompts: Sequence[TokenizedPrompt], prompt_index: torch.Tensor, t: torch.Tensor,
                     l: torch.Tensor, concepts: Mapping[str, nn.Module], truncation: int | None = None,
                     alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
-        """Encodings of rows (prompts[prompt_index[n]], t[n], l[n]): keys and values, each (N, S, D)."""
+        """Encodings of rows (prompts[prompt_index[n]], t[n], l[n]): keys (N, S, D) and the bypassed rows."""
         parts = _text_parts(self.text_encoder)
         weight = parts.embeddings.token_embedding.weight
         device, dtype = weight.device, weight.dtype
         ids = torch.tensor([p.ids for p in prompts], device=device)
         prompt_index = prompt_index.to(device)
-        embeds = parts.embeddings.token_embedding(ids)[prompt_index]  # (N, S, D)
-        bypass_rows, bypass_pos, bypass_vec = [], [], []
+        token_embeds = parts.embeddings.token_embedding(ids)  # (prompts, S, D)
+        # the concepts' input embeddings at their (row, position) slots, and their bypass vectors
+        slot_rows, slot_pos, slot_base, by_rows, by_pos, by_vec = [], [], [], [], [], []
         for token, concept in concepts.items():
             rows, pos = _slot_rows(prompts, prompt_index, token)
             if rows.numel() == 0:
@@ -222,27 +360,49 @@ class TextConditioner:
             unique, inverse = torch.unique(rows, return_inverse=True)
             where = _device_of(concept, device)  # the concept stays where its owner put it
             out = concept(t[unique.cpu()].to(where), l[unique.cpu()].to(where), truncation)
-            embeds = embeds.index_put((rows, pos), out.base.to(device, dtype)[inverse])
+            slot_rows.append(rows), slot_pos.append(pos), slot_base.append(out.base.to(device, dtype)[inverse])
             if out.bypass is not None and alpha != 0:
-                bypass_rows.append(rows), bypass_pos.append(pos), bypass_vec.append(out.bypass.to(device)[inverse])
-        hidden = self._body(embeds)  # (N, S, D) before the final LayerNorm
-        keys = parts.final_layer_norm(hidden)
-        if not bypass_rows:
-            return Encoding(keys, keys)
-        rows, pos, vec = torch.cat(bypass_rows), torch.cat(bypass_pos), torch.cat(bypass_vec)
-        at = hidden[rows, pos]  # (M, D)
+                by_rows.append(rows), by_pos.append(pos), by_vec.append(out.bypass.to(device)[inverse])
+        slots = _concat(slot_rows, slot_pos, slot_base)
+        bypass = _concat(by_rows, by_pos, by_vec)
+        if bypass is not None:  # by row, so that the chunks below gather the placeholder rows in this order
+            order = torch.sort(bypass[0], stable=True).indices
+            bypass = tuple(x[order] for x in bypass)
+        n, seq = len(prompt_index), ids.shape[1]
+        step = self.rows_per_call(seq, device, dtype)
+        keys, at = None, []  # at: the last hidden state before the final LayerNorm at the bypass slots
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            embeds = token_embeds[prompt_index[start:stop]]  # (rows, S, D)
+            if slots is not None:
+                inside = (slots[0] >= start) & (slots[0] < stop)
+                embeds = embeds.index_put((slots[0][inside] - start, slots[1][inside]), slots[2][inside])
+            hidden = self._body(embeds)  # (rows, S, D)
+            chunk_keys = parts.final_layer_norm(hidden)
+            if stop - start == n:
+                keys = chunk_keys
+            else:
+                if keys is None:
+                    keys = chunk_keys.new_empty((n, *chunk_keys.shape[1:]))
+                keys[start:stop] = chunk_keys
+            if bypass is not None:
+                inside = (bypass[0] >= start) & (bypass[0] < stop)
+                at.append(hidden[bypass[0][inside] - start, bypass[1][inside]])
+        if bypass is None:
+            return Encoding(keys)
+        rows, pos, vec = bypass
+        at = torch.cat(at)  # (M, D)
         shifted = at + alpha * F.normalize(vec.to(at.dtype), dim=-1) * at.norm(dim=-1, keepdim=True)
-        # the final LayerNorm acts per token, so only the placeholder positions differ from the keys
-        values = keys.index_put((rows, pos), parts.final_layer_norm(shifted))
-        return Encoding(keys, values)
+        return _placeholder_rows(keys, rows, pos, parts.final_layer_norm(shifted))
 
     def encode_grid(self, prompt: TokenizedPrompt, concepts: Mapping[str, nn.Module], timesteps: Sequence[float],
                     num_layers: int, truncation: int | None = None,
-                    alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
-        """All (timestep, layer) encodings of one prompt: keys and values, each (T, L, S, D), cached at inference.
+                    alpha: float = DEFAULT_BYPASS_ALPHA) -> GridEncoding:
+        """All (timestep, layer) encodings of one prompt, (T, L, S, D) as a `GridEncoding`, cached at inference.
 
-        Rows a concept cannot tell apart (XTI ignores t, TI ignores t and l, a plain prompt ignores both) are
-        encoded once and broadcast.
+        Rows no concept can tell apart are encoded once: repeated timesteps (a decomposition's fixed t), every
+        timestep when no concept depends on t (XTI, TI, a plain prompt), every layer when none depends on the
+        layer (TI, a plain prompt).
         """
         used = {tok: c for tok, c in concepts.items() if any(tok == s for _, s in prompt.slots)}
         key = None
@@ -251,27 +411,61 @@ class TextConditioner:
                    id(self.text_encoder))
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                return self._cache[key][0]
         by_time = any(getattr(c, "depends_on_time", True) for c in used.values())
         by_layer = any(getattr(c, "depends_on_layer", True) for c in used.values())
-        ts = torch.as_tensor(list(timesteps) if by_time else [timesteps[0]], dtype=torch.float32)
+        distinct = list(dict.fromkeys(float(t) for t in timesteps)) if by_time else [float(timesteps[0])]
+        where = {t: i for i, t in enumerate(distinct)}
+        step_rows = tuple(where[float(t)] for t in timesteps) if by_time else (0,) * len(timesteps)
+        ts = torch.tensor(distinct, dtype=torch.float32)
         ls = torch.arange(num_layers if by_layer else 1, dtype=torch.float32)
         grid_t, grid_l = torch.meshgrid(ts, ls, indexing="ij")
         rows = torch.zeros(grid_t.numel(), dtype=torch.long)
         enc = self.encode_rows([prompt], rows, grid_t.reshape(-1), grid_l.reshape(-1), used, truncation, alpha)
-        shape = (len(ts), len(ls), *enc.keys.shape[1:])
-        full = (len(timesteps), num_layers, *enc.keys.shape[1:])
-        keys = enc.keys.view(shape).expand(full)
-        values = keys if enc.values is enc.keys else enc.values.view(shape).expand(full)
-        result = Encoding(keys, values)
+        result = GridEncoding(enc.view(len(ts), len(ls)), step_rows, num_layers)
         if key is not None:
-            self._cache[key] = result
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            if self.offload_cache:
+                result = result.to("cpu")
+            self._remember(key, result)
         return result
+
+    def _remember(self, key, result: GridEncoding) -> None:
+        """Cache `result`, dropping the least recently used encodings to stay within the byte budget."""
+        size, budget = result.nbytes, self.cache_budget
+        if size > budget:
+            logger.debug("an encoding of %d bytes exceeds the cache budget (%d bytes): not cached", size, budget)
+            return
+        self._cache[key] = (result, size)
+        while self.cached_bytes > budget:
+            self._cache.popitem(last=False)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+
+def _layer_bytes_per_row(config, seq_len: int, dtype: torch.dtype) -> int:
+    """Transient memory of one CLIP encoder layer per row, without gradients: the residual, LayerNorm, q, k, v and
+    attention output (6 x D), the MLP's hidden and activation temporaries (3 x FFN), the attention scores."""
+    width = 6 * config.hidden_size + 3 * config.intermediate_size + config.num_attention_heads * seq_len
+    return seq_len * width * torch.tensor([], dtype=dtype).element_size()
+
+
+def _concat(*lists: list) -> tuple[torch.Tensor, ...] | None:
+    return tuple(torch.cat(x) for x in lists) if lists[0] else None
+
+
+def _placeholder_rows(keys: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> Encoding:
+    """The encoding whose values are `keys` except `values` (M, D) at (rows, pos), rows sorted: each row's P
+    (the most slots of any row) positions and values, a row with fewer slots padded with position 0 and its key
+    there (position 0 is the start token, never a slot, so the padding rewrites the key it already holds)."""
+    n, dim = keys.shape[0], keys.shape[-1]
+    counts = torch.bincount(rows, minlength=n)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(rows), device=rows.device) - first[rows]  # each slot's index within its row
+    width = int(counts.max())
+    positions = torch.zeros(n, width, dtype=torch.long, device=keys.device).index_put((rows, rank), pos)
+    bypassed = keys[:, :1].expand(n, width, dim).index_put((rows, rank), values.to(keys.dtype))
+    return Encoding(keys, bypassed, positions)
 
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:

@@ -21,7 +21,8 @@ from typing import Any
 METHODS = ("neti", "xti", "ti")  # NeTI; XTI / P+ (one vector per layer); Textual Inversion (one vector)
 ABLATIONS = ("no_positional_encoding", "no_nested_dropout", "no_bypass", "no_rescaling", "time_only", "space_only")
 BASE_LEARNING_RATES = {"neti": 1e-3, "xti": 6.25e-4, "ti": 5e-4}  # before scaling by batch x accumulation
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # "auto": follow the loaded weights (neti.precision)
+DEFAULT_MIXED_PRECISION = "auto"
 CROP_MODES = ("center", "random")  # how a training image is cropped square
 TEMPLATE_KINDS = ("object", "style")  # Textual Inversion's prompt templates (neti.data)
 SCHEDULERS = {  # the sampler names the CLI and the app accept, and diffusers' class for each
@@ -110,8 +111,9 @@ class TrainConfig:
     crop: str = "center"  # how images are cropped square
     resolution: int | None = None  # training resolution in pixels; None: the base model's
     seed: int = 0  # seed of the data order, noise, timesteps and the mapper's initial weights
-    mixed_precision: str = "no"  # autocast precision: 'no', 'fp16' (CUDA) or 'bf16'
+    mixed_precision: str = DEFAULT_MIXED_PRECISION  # 'auto' (follow the weights), 'no' (fp32), 'fp16' (CUDA), 'bf16'
     gradient_checkpointing: bool = False  # recompute UNet and text-encoder activations: less memory, slower
+    text_encoder_checkpointing: bool = True  # recompute the text encoder alone: exact, ~5x less text memory
     checkpoint_every: int = 100  # optimisation steps between checkpoints (and the last step); 0 turns them off
     keep_checkpoints: int = 3  # newest checkpoints kept
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .attention import ensure_processors, pack
 from .concept import Concept
-from .conditioning import Encoding, TextConditioner, format_prompt
+from .conditioning import GridEncoding, TextConditioner, format_prompt
 from .config import DEFAULT_BYPASS_ALPHA, SCHEDULERS, Sampling  # noqa: F401 (re-exported)
 from .images import file_name, labelled_grid, make_grid, save_png
 from .layers import cross_attention_layers, resolve_layer_names
@@ -47,7 +47,7 @@ DEFAULT_MIX_START = 700  # the appearance concept feeds all but the geometry lay
 class Row:
     """One image to render: its per-step encodings (T, L, S, D), its seed and its settings."""
 
-    encoding: Encoding
+    encoding: "GridEncoding | MixedEncoding"
     seed: int
     settings: dict = field(default_factory=dict)
 
@@ -85,14 +85,45 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
-class Generator:
-    """Renders prompts with concepts on a loaded `StableDiffusionPipeline`."""
+@dataclass(frozen=True)
+class _Dense:
+    """One step's mixed keys and values, stored whole."""
 
-    def __init__(self, pipe, model_name: str = ""):
+    keys: torch.Tensor  # (L, S, D)
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MixedEncoding:
+    """Style mixing's encodings (Fig. 20): step i, layer l from `geometry` where `use_geometry[i, l]`, else from
+    `appearance` (the same prompt, so the same placeholder positions). Mixed one step at a time."""
+
+    geometry: GridEncoding
+    appearance: GridEncoding
+    use_geometry: torch.Tensor  # (T, L) bool
+
+    @property
+    def num_steps(self) -> int:
+        return self.geometry.num_steps
+
+    def step(self, i: int) -> _Dense:
+        geo, app = self.geometry.step(i), self.appearance.step(i)
+        use = self.use_geometry[i].to(geo.keys.device)[:, None, None]  # (L, 1, 1)
+        return _Dense(torch.where(use, geo.keys, app.keys), torch.where(use, geo.values, app.values))
+
+
+class Generator:
+    """Renders prompts with concepts on a loaded `StableDiffusionPipeline`.
+
+    `cache_bytes` and `offload_cache` bound the text conditioner's cache of encodings (`TextConditioner`).
+    """
+
+    def __init__(self, pipe, model_name: str = "", cache_bytes: int | None = None, offload_cache: bool = False):
         self.pipe = pipe
         self.model_name = model_label(model_name)
         self.layers = cross_attention_layers(pipe.unet)
-        self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder)
+        self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder, cache_bytes=cache_bytes,
+                                           offload_cache=offload_cache)
         ensure_processors(pipe.unet, self.layers, self.conditioner.max_length)
         self.token_dim = pipe.text_encoder.config.hidden_size
 
@@ -128,7 +159,7 @@ class Generator:
         return self.conditioner.tokenize(text, tokens), {c.token: c for c in concepts}, text
 
     def encode(self, prompt: str, concepts: Sequence[Concept], mapper_timesteps: Sequence[float],
-               truncation: int | None, alpha: float, fill: Concept | None = None) -> Encoding:
+               truncation: int | None, alpha: float, fill: Concept | None = None) -> GridEncoding:
         """(T, L, S, D) encodings; `fill` puts another concept in the slot of the (single) concept."""
         tokenized, by_token, _ = self.prepare(prompt, concepts)
         if fill is not None:
@@ -150,12 +181,15 @@ class Generator:
         with torch.no_grad():
             negative = self.conditioner.encode_grid(self.conditioner.tokenize(sampling.negative_prompt or ""), {},
                                                     [0.0], self.num_layers)
-        neg = pack(negative.keys[0][None], negative.values[0][None]).expand(len(rows), -1, -1)  # (R, 2LS, D)
-        steps = rows[0].encoding.keys.shape[0]
+        device = self.pipe.unet.device  # encodings may be offloaded to the CPU: moved one step at a time
+        negative = negative.step(0)
+        neg = pack(negative.keys[None], negative.values[None]).to(device).expand(len(rows), -1, -1)  # (R, 2LS, D)
+        steps = rows[0].encoding.num_steps
 
         def packed(step: int) -> torch.Tensor:
-            keys = torch.stack([r.encoding.keys[step] for r in rows])  # (R, L, S, D)
-            values = torch.stack([r.encoding.values[step] for r in rows])
+            encs = [r.encoding.step(step) for r in rows]
+            keys = torch.stack([e.keys.to(device) for e in encs])  # (R, L, S, D)
+            values = torch.stack([e.values.to(device) for e in encs])
             return pack(keys, values)
 
         done = [steps]
@@ -303,7 +337,8 @@ class Generator:
         is_geometry_layer[geometry_idx] = True
         cache: dict = {}
 
-        def mixed(start: float, truncation: int | None, alpha: float, alone: str | None = None) -> Encoding:
+        def mixed(start: float, truncation: int | None, alpha: float,
+                  alone: str | None = None) -> "GridEncoding | MixedEncoding":
             if not 0 <= float(start) <= 1000:
                 raise ValueError(f"mixing start timestep {start!r} must be in [0, 1000]")
             if (truncation, alpha) not in cache:
@@ -314,9 +349,7 @@ class Generator:
             if alone is not None:
                 return geo if alone == "geometry" else app
             before_start = torch.tensor([t > float(start) for t in timesteps])
-            use_geo = (before_start[:, None] | is_geometry_layer[None, :])[..., None, None]  # (T, L, 1, 1)
-            use_geo = use_geo.to(geo.keys.device)
-            return Encoding(torch.where(use_geo, geo.keys, app.keys), torch.where(use_geo, geo.values, app.values))
+            return MixedEncoding(geo, app, before_start[:, None] | is_geometry_layer[None, :])  # (T, L)
 
         return mixed
 

@@ -140,7 +140,9 @@ class Studio:
 
     def __init__(self, model: str | None = None, concepts_dir: str | os.PathLike = DEFAULT_CONCEPTS_DIR,
                  shipped_dir: str | os.PathLike | None = SHIPPED_CONCEPTS_DIR, device: str | None = None,
-                 output_dir: str | os.PathLike | None = None, clip: str | os.PathLike | None = None):
+                 output_dir: str | os.PathLike | None = None, clip: str | os.PathLike | None = None,
+                 cache_bytes: int | None = None, offload_cache: bool = False):
+        self.cache_bytes, self.offload_cache = cache_bytes, offload_cache  # the encodings cache (TextConditioner)
         self.library = ConceptLibrary(concepts_dir, shipped_dir)
         self.clip = clip  # the CLIP that scores training previews (None: the bundled toy CLIP for the bundled model)
         self.training = TrainingManager()
@@ -170,7 +172,7 @@ class Studio:
         pipe = load_pipeline(model, self.device)  # ValueError with a readable message when unreachable
         with self._lock:
             self.pipe, self.model_name = pipe, model
-            self.generator = Generator(pipe, model)
+            self.generator = Generator(pipe, model, self.cache_bytes, self.offload_cache)
         logger.info("base model %s ready in %.1f s", model, time.perf_counter() - started)
         return model
 

@@ -34,6 +34,7 @@ from .config import TrainConfig
 from .data import ConceptDataset, LoadedImage, image_warnings, template_kind
 from .layers import cross_attention_layers
 from .models import model_label
+from .precision import resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +112,10 @@ def _prepare(pipe, concept: Concept, config: TrainConfig):
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     device = pipe.device
-    if config.mixed_precision == "fp16" and device.type != "cuda":
-        raise ValueError("mixed_precision 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this device")
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
+    precision = resolve_mixed_precision(config.mixed_precision, pipe.unet.dtype, device)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         AcceleratorState._reset_state()  # a later trainer in this process may use another precision
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     lr = config.base_learning_rate()
     if config.scale_lr:
         lr *= config.batch_size * config.grad_accum * accelerator.num_processes
@@ -143,16 +143,19 @@ def _noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def _gradient_checkpointing(pipe, on: bool) -> None:
-    """Gradient checkpointing of the frozen UNet and text encoder, switched off again after training."""
-    if on:
-        pipe.unet.enable_gradient_checkpointing()
-        pipe.text_encoder.gradient_checkpointing_enable()
-        pipe.text_encoder.train()  # transformers checkpoints only in training mode; CLIP has no dropout
-    elif getattr(pipe.unet, "is_gradient_checkpointing", False):
-        pipe.unet.disable_gradient_checkpointing()
-        pipe.text_encoder.gradient_checkpointing_disable()
-        pipe.text_encoder.eval()
+def _gradient_checkpointing(pipe, config: TrainConfig, on: bool) -> None:
+    """Gradient checkpointing of the frozen UNet and text encoder as `config` asks, switched off after training."""
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    if on and config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if on and (config.gradient_checkpointing or config.text_encoder_checkpointing):
+        text_encoder.gradient_checkpointing_enable()
+        text_encoder.train()  # transformers checkpoints only in training mode; CLIP has no dropout
+    if not on and getattr(unet, "is_gradient_checkpointing", False):
+        unet.disable_gradient_checkpointing()
+    if not on and getattr(text_encoder, "is_gradient_checkpointing", False):
+        text_encoder.gradient_checkpointing_disable()
+        text_encoder.eval()
 
 
 class Trainer:
@@ -247,7 +250,7 @@ class Trainer:
             logger.info("resumed %s from %s at step %d", self.concept.token, self._last_checkpoint, self.step)
         self._keep = True  # False after a divergence with no finite checkpoint to fall back on
         self.concept.train()
-        _gradient_checkpointing(self.pipe, cfg.gradient_checkpointing)
+        _gradient_checkpointing(self.pipe, cfg, True)
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self)
@@ -277,7 +280,7 @@ class Trainer:
                     self.save_checkpoint(out_path)  # the final one too: a finished run can be extended
         finally:  # finished, cancelled or crashed: the concept so far is saved (never untrained, never NaN)
             self.concept.eval()
-            _gradient_checkpointing(self.pipe, False)
+            _gradient_checkpointing(self.pipe, cfg, False)
             saved = self._keep and self.step > 0 and self.is_main_process
             if saved:
                 self.concept.save(out_path)

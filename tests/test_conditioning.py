@@ -158,7 +158,7 @@ def test_two_concepts_in_one_prompt_each_get_their_own_vector(tiny_pipe, conditi
         enc = conditioner.encode_grid(prompt, {"<a>": a, "<b>": b}, timesteps, L)
         t, l = torch.meshgrid(torch.tensor(timesteps), torch.arange(L, dtype=torch.float32), indexing="ij")
         t, l = t.reshape(-1), l.reshape(-1)
-        embeds = seen[0]  # (T * L, S, D), t-major
+        embeds = torch.cat(seen)  # (T * L, S, D), t-major, over the text-encoder calls
         torch.testing.assert_close(embeds[:, 2], a(t, l).base, atol=1e-6, rtol=0)
         torch.testing.assert_close(embeds[:, 4], b(t, l).base, atol=1e-6, rtol=0)
         assert not torch.allclose(embeds[:, 2], embeds[:, 4])
@@ -185,7 +185,7 @@ def test_a_second_identical_call_returns_the_cached_encoding(tiny_pipe, conditio
         second = conditioner.encode_grid(prompt, {"<thing>": concept}, [999.0], L, truncation=8, alpha=0.2)
         other_k = conditioner.encode_grid(prompt, {"<thing>": concept}, [999.0], L, truncation=9, alpha=0.2)
         other_alpha = conditioner.encode_grid(prompt, {"<thing>": concept}, [999.0], L, truncation=8, alpha=0.3)
-    assert second is first and id(second.keys) == id(first.keys)
+    assert second is first and second.rows.keys is first.rows.keys
     assert other_k is not first and other_alpha is not first
 
 
