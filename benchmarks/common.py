@@ -302,3 +302,24 @@ def choose_threads(requested: int | None) -> str:
 
 def mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:.2f} MB"
+
+
+def benchmark_tokenizer(max_length: int, real: bool) -> tuple[object, str]:
+    """A tokenizer for a random-weight SD-shaped model, and which vocabulary it is: with `real`, Stable Diffusion's
+    own (OpenAI CLIP's 49,408-token BPE, from the open_clip_torch package or $NETI_CLIP_BPE) when it is available;
+    otherwise, or when it is absent (said on stderr: the real-vocabulary figures are skipped), the toy vocabulary."""
+    import sys
+    import tempfile
+
+    from neti.testing.tokenizer import build_clip_tokenizer, openai_clip_tokenizer
+    from toyworld.world import vocabulary
+
+    folder = tempfile.mkdtemp(prefix="bench-vocab-")
+    if real:
+        tokenizer = openai_clip_tokenizer(folder, max_length=max_length)
+        if tokenizer is not None:
+            return tokenizer, "OpenAI CLIP BPE (49,408 tokens)"
+        print("OpenAI CLIP's BPE file is absent (pip install open_clip_torch, or set NETI_CLIP_BPE): real-vocabulary "
+              "tokenization skipped; the toy vocabulary tokenizes, the embedding table keeps CLIP's 49,408 rows",
+              file=sys.stderr)
+    return build_clip_tokenizer(vocabulary(), folder, max_length=max_length), "toy vocabulary"

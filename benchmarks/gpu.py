@@ -35,8 +35,8 @@ import torch
 
 from neti.paths import REPO_ROOT
 
-from .common import (PeakMemory, choose_threads, environment, make_concept, median, official_loop_encoding,
-                     per_layer_trainer, side_by_side, time_call)
+from .common import (PeakMemory, benchmark_tokenizer, choose_threads, environment, make_concept, median,
+                     official_loop_encoding, per_layer_trainer, side_by_side, time_call)
 
 PROMPT = "a photo of a {}"
 
@@ -47,9 +47,6 @@ def build_model(name: str, device: torch.device, smoke: bool):
     from dataclasses import replace
 
     from neti.testing.sd_layout import CLIP_VOCAB_SIZE, SD15, SD21, SDShape, build_pipeline
-    from neti.testing.tokenizer import build_clip_tokenizer
-    from toyworld.world import vocabulary
-
     if smoke:
         shape = SDShape(max_tokens=16, vocab_size=1000)
         if name == "sd21":
@@ -57,12 +54,11 @@ def build_model(name: str, device: torch.device, smoke: bool):
                             prediction_type="v_prediction")
     else:
         shape = replace({"sd15": SD15, "sd21": SD21}[name], vocab_size=CLIP_VOCAB_SIZE)
-    tokenizer = build_clip_tokenizer(vocabulary(), tempfile.mkdtemp(prefix="gpu-bench-vocab-"),
-                                     max_length=shape.max_tokens)
+    tokenizer, vocabulary_name = benchmark_tokenizer(shape.max_tokens, real=not smoke)
     with torch.device(device):
         pipe = build_pipeline(shape, tokenizer, seed=0)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), shape
+    return pipe.to(device), shape, vocabulary_name
 
 
 class Results:
@@ -301,11 +297,12 @@ def main(argv=None) -> int:
                                              f"gpu-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         args.tmp = tmp
-        pipe, shape = build_model(args.shape, device, args.smoke)
+        pipe, shape, vocabulary_name = build_model(args.shape, device, args.smoke)
         original = dict(pipe.unet.attn_processors)  # diffusers' SDPA processors, before NeTI installs its own
         results = Results(out, environment(device), {k: v for k, v in vars(args).items() if k != "tmp"}
-                          | {"shape": repr(shape), "threads": threads, "build_seconds": round(time.perf_counter() - started, 1)})
-        print(f"built {shape} on {device} in {time.perf_counter() - started:.1f} s", flush=True)
+                          | {"shape": repr(shape), "vocabulary": vocabulary_name, "threads": threads,
+                             "build_seconds": round(time.perf_counter() - started, 1)})
+        print(f"built {shape} ({vocabulary_name}) on {device} in {time.perf_counter() - started:.1f} s", flush=True)
         if args.only in (None, "training"):
             bench_training(pipe, args, results, half, deadline)
         if args.only in (None, "conditioning"):

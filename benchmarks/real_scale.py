@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from dataclasses import replace
 
@@ -27,12 +26,15 @@ import torch
 
 from neti.paths import REPO_ROOT
 
-from .common import PeakMemory, environment, make_concept
+from neti.testing.sd_layout import CLIP_VOCAB_SIZE
+
+from .common import PeakMemory, benchmark_tokenizer, environment, make_concept
 
 PROMPT = "a photo of a {}"
 TOKEN = "<bench>"
 DECOMPOSITION_TIMESTEPS = (999, 800, 600, 400, 200, 0)  # the library's default
 LAYERS = 16
+VOCABULARY = {"name": "toy vocabulary"}  # which tokenizer the run used, for its results
 
 
 def shape_of(name: str):
@@ -44,10 +46,10 @@ def shape_of(name: str):
 
 
 def tokenizer_for(shape):
-    from neti.testing.tokenizer import build_clip_tokenizer
-    from toyworld.world import vocabulary
-
-    return build_clip_tokenizer(vocabulary(), tempfile.mkdtemp(prefix="real-scale-vocab-"), max_length=shape.max_tokens)
+    """Stable Diffusion's real tokenizer at full size when its BPE file is available (common.benchmark_tokenizer)."""
+    tokenizer, name = benchmark_tokenizer(shape.max_tokens, real=shape.vocab_size == CLIP_VOCAB_SIZE)
+    VOCABULARY["name"] = name
+    return tokenizer
 
 
 def text_parts(shape):
@@ -280,6 +282,8 @@ def main(argv=None) -> None:
         else:
             results[part] = training(shape, args.batch)
         print(json.dumps({part: results[part]}, indent=1), flush=True)
+    results["vocabulary"] = VOCABULARY["name"]
+    print(f"tokenizer: {VOCABULARY['name']}")
     folder = REPO_ROOT / "benchmarks" / "results"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"real-scale-{name}-{args.part if not args.smoke else 'smoke'}.json"

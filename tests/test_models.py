@@ -89,3 +89,27 @@ def test_trained_concepts_and_pngs_name_the_bundled_model_portably(tiny_pipe):
                       str(BUNDLED_MODEL))
     assert trainer.concept.base_model == "assets/toy-sd"
     assert Generator(tiny_pipe, str(BUNDLED_MODEL)).model_name == "assets/toy-sd"
+
+
+def test_openai_clip_tokenizer_from_a_bpe_file(tmp_path, monkeypatch):
+    """Stable Diffusion's tokenizer is rebuilt from OpenAI's BPE file (CLIP's symbol order, merges, specials);
+    without the file there is none. With the real file (open_clip_torch installed) it gives CLIP's own ids."""
+    import gzip
+
+    from neti.testing.tokenizer import openai_bpe_path, openai_clip_tokenizer
+
+    monkeypatch.setenv("NETI_CLIP_BPE", str(tmp_path / "missing.txt.gz"))
+    assert openai_bpe_path() is None and openai_clip_tokenizer(tmp_path / "none") is None
+    bpe = tmp_path / "bpe.txt.gz"
+    bpe.write_bytes(gzip.compress("\n".join(["#version: 0.2", "c a", "ca t</w>", "d o", "do g</w>"]).encode()))
+    monkeypatch.setenv("NETI_CLIP_BPE", str(bpe))
+    tokenizer = openai_clip_tokenizer(tmp_path / "tok")
+    vocab = tokenizer.get_vocab()
+    assert len(vocab) == 512 + 4 + 2 and vocab["!"] == 0 and vocab["!</w>"] == 256 and vocab["cat</w>"] == 513
+    assert tokenizer("a cat").input_ids == [vocab["<|startoftext|>"], vocab["a</w>"], vocab["cat</w>"],
+                                             vocab["<|endoftext|>"]]
+    monkeypatch.delenv("NETI_CLIP_BPE")
+    if openai_bpe_path() is None:
+        pytest.skip("open_clip_torch is not installed: the real-vocabulary check needs its BPE file")
+    assert openai_clip_tokenizer(tmp_path / "real")("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368,
+                                                                                       49407]
