@@ -6,6 +6,7 @@ Examples:
   python -m neti generate --concept concepts/dotted-crescent.safetensors --prompt "a photo of a {}" --seeds 0 1 2
   python -m neti mix --geometry a.safetensors --appearance b.safetensors --prompt "a photo of a {}"
   python -m neti info concepts/dotted-crescent.safetensors
+  torchrun --nproc_per_node 2 -m neti train ...    (data-parallel; rank 0 writes files and prints)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m neti", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: progress notes and tracebacks; -vv: debug notes, from every process of a launch")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
 
@@ -288,7 +291,8 @@ def cmd_train(args) -> None:
     pipe = load_pipeline(args.model, args.device, training_weights_dtype(config.mixed_precision))
     progress = Progress()
     trainer = Trainer(pipe, list(images), args.token, args.super_category, config, args.model, [progress, previews])
-    if preview_config.every:  # the concept at every preview step, and its CLIP scores when there is a CLIP
+    main_process = trainer.is_main_process  # launched on several processes, the others train silently
+    if preview_config.every and main_process:  # the concept at every preview step, and its CLIP scores if any
         judge = default_judge(args.model, args.clip)
 
         def scored(score, best):
@@ -299,20 +303,23 @@ def cmd_train(args) -> None:
 
         tracker = FidelityTracker(judge, [im.image for im in images], trainer.concept, preview_folder, scored)
         trainer.callbacks.append(tracker)
-    progress.bar = tqdm(total=config.steps, desc=args.token, unit="step", disable=None)  # None: off if not a tty
+    progress.bar = tqdm(total=config.steps, desc=args.token, unit="step",
+                        disable=None if main_process else True)  # None: off if not a tty
     try:
         result = trainer.train(out, resume=args.resume)
     except KeyboardInterrupt:
         progress.bar.close()
-        saved = f"the concept so far ({trainer.step} steps) is saved to {out}" if trainer.step else "nothing saved"
-        print(f"\ninterrupted: {saved}", file=sys.stderr)
+        if main_process:
+            saved = f"the concept so far ({trainer.step} steps) is saved to {out}" if trainer.step else "nothing saved"
+            print(f"\ninterrupted: {saved}", file=sys.stderr)
         raise SystemExit(130)
     except BaseException:
         progress.bar.leave = False  # the error, not a stale bar, is the last line
         raise
     finally:
         progress.bar.close()
-    print(f"{result.concept.describe()}\nsaved to {result.path}")
+    if main_process:
+        print(f"{result.concept.describe()}\nsaved to {result.path}")
 
 
 def _load_concepts(paths) -> list:
@@ -413,6 +420,15 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "mix": cmd_mix, "decom
             "eval": cmd_eval}
 
 
+def _process_rank() -> int:
+    """This process's global rank when a launcher (torchrun, accelerate launch, mpirun) started several, else 0 (the
+    `Trainer` knows it from its accelerator; logging is set up before there is one)."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"):  # accelerate's names
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 USER_ERRORS = (ValueError, OSError, ImportError)  # bad input, files, a missing optional package: one line, exit 2
 
 
@@ -422,10 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     from .concept import one_line
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    rank = _process_rank()
+    others = rank > 0 and args.verbose < 2  # a launch's other processes print errors only, unless -vv
+    quiet = not args.verbose or others
+    logging.basicConfig(level=logging.ERROR if others else logging.INFO if args.verbose else logging.WARNING,
+                        format=(f"[rank {rank}] " if rank else "") + "%(levelname)s %(message)s")
+    if args.verbose >= 2:
+        logger.setLevel(logging.DEBUG)  # NeTI's debug notes, not every library's
     try:
         with warnings.catch_warnings():
-            if not args.verbose:  # the libraries' own notices (optional back ends, deprecations) are not the user's
+            if quiet:  # the libraries' own notices (optional back ends, deprecations) are not the user's
                 warnings.simplefilter("ignore")
                 if args.command not in ("info", "export", "import-official"):
                     _quiet_libraries()

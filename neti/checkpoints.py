@@ -30,11 +30,15 @@ def checkpoint_folder(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.stem + "-checkpoints")
 
 
+def checkpoint_path(out_path: str | Path, step: int) -> Path:
+    """Where the run that writes the concept `out_path` keeps its checkpoint of `step`."""
+    return checkpoint_folder(out_path) / f"checkpoint-{step:06d}.safetensors"
+
+
 def save_checkpoint(out_path: str | Path, concept: Concept, optimizer, lr_scheduler, config: TrainConfig,
                     step: int) -> Path:
     """Write the checkpoint of `step` atomically and prune all but the newest `config.keep_checkpoints`."""
-    folder = checkpoint_folder(out_path)
-    path = folder / f"checkpoint-{step:06d}.safetensors"
+    folder, path = checkpoint_folder(out_path), checkpoint_path(out_path, step)
     tensors = {f"mapper.{k}": v.detach().cpu().contiguous() for k, v in concept.mapper.state_dict().items()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():

@@ -10,10 +10,18 @@ Everything random in micro-batch m is drawn under a seed derived from (seed, m),
 from a checkpoint (checkpoints.py: weights, optimiser, lr schedule, step, random states) continues exactly as if
 uninterrupted. A cancel request stops after the current micro-batch and saves the concept. What happens around
 the loop (progress, previews: neti.previews) is the callers' `TrainingCallback`s.
+
+Launched on several processes (`torchrun`, `accelerate launch`) the run is data-parallel: each process draws its
+own micro-batches (its seed is offset by its rank), the concept is wrapped in DistributedDataParallel, whose
+all-reduce averages the gradients at the last micro-batch of each step, so every process takes the same
+optimisation step and the mappers stay equal; the step's loss is averaged over the processes. Only the main process
+(rank 0) writes the concept and its checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 import threading
@@ -98,6 +106,15 @@ class TrainingDiverged(ValueError):
     """The loss or the weights became NaN or infinite; the message says what was kept."""
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of `module`'s state (names and exact bytes): equal on every process of a data-parallel run."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _seed_for(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step * 7_919 + 17) % (2**63 - 1)
 
@@ -175,7 +192,7 @@ class Trainer:
         self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.dataset, self.warnings = _dataset(images, self.resolution, config)
         self.noise_scheduler = _noise_scheduler(pipe)
-        self._last_checkpoint: Path | None = None  # the newest checkpoint written or resumed (finite weights)
+        self._last_checkpoint: tuple[Path, int] | None = None  # the newest checkpoint written or resumed, its step
         self._accelerator, self.model, self.optimizer, self.lr_scheduler, self.learning_rate = _prepare(
             pipe, self.concept, config)
 
@@ -245,9 +262,9 @@ class Trainer:
         last checkpoint as the concept, or writes nothing; a run that trained no step writes nothing."""
         cfg, out_path, losses = self.config, Path(out_path), []
         if resume is not None:
-            self._last_checkpoint, self.step = checkpoints.resume(resume, self.concept, self.optimizer,
-                                                                  self.lr_scheduler, cfg)
-            logger.info("resumed %s from %s at step %d", self.concept.token, self._last_checkpoint, self.step)
+            path, self.step = checkpoints.resume(resume, self.concept, self.optimizer, self.lr_scheduler, cfg)
+            self._last_checkpoint = path, self.step
+            logger.info("resumed %s from %s at step %d", self.concept.token, path, self.step)
         self._keep = True  # False after a divergence with no finite checkpoint to fall back on
         self.concept.train()
         _gradient_checkpointing(self.pipe, cfg, True)
@@ -256,12 +273,19 @@ class Trainer:
                 cb.on_train_start(self)
             while self.step < cfg.steps and not self.stopping.is_set():
                 started, step_loss = time.perf_counter(), 0.0
-                for micro_step in range(self.step * cfg.grad_accum, (self.step + 1) * cfg.grad_accum):
-                    with torch.random.fork_rng(devices=[]):
+                last = (self.step + 1) * cfg.grad_accum - 1
+                for micro_step in range(self.step * cfg.grad_accum, last + 1):
+                    # several processes: gradients accumulate locally; the last micro-batch's backward all-reduces
+                    sync = contextlib.nullcontext() if micro_step == last else self._accelerator.no_sync(self.model)
+                    with sync, torch.random.fork_rng(devices=[]):
                         torch.manual_seed(self._seed(micro_step) + 1)  # nested dropout
                         loss = self.loss(self.make_batch(micro_step))
                         self._accelerator.backward(loss / cfg.grad_accum)
                     step_loss += float(loss.detach()) / cfg.grad_accum
+                local_loss = step_loss
+                if self._accelerator.num_processes > 1:  # every process decides on the same (mean) loss
+                    step_loss = float(self._accelerator.reduce(
+                        torch.tensor(step_loss, device=self._accelerator.device), "mean"))
                 if not math.isfinite(step_loss):
                     self._diverged(f"the loss became {step_loss} at step {self.step + 1}")
                 self.optimizer.step()
@@ -271,12 +295,14 @@ class Trainer:
                     self._diverged(f"the weights became NaN or infinite at step {self.step + 1}")
                 self.step = self.concept.train_steps = self.step + 1
                 losses.append(step_loss)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("step %d on process %d: local loss %.6f, mapper weights %s", self.step,
+                                 self._accelerator.process_index, local_loss, weights_digest(self.concept.mapper))
                 info = StepInfo(self.step, cfg.steps, step_loss, self.lr_scheduler.get_last_lr()[0],
                                 time.perf_counter() - started)
                 for cb in self.callbacks:
                     cb.on_step(info)
-                if self.is_main_process and cfg.checkpoint_every and (
-                        self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                     self.save_checkpoint(out_path)  # the final one too: a finished run can be extended
         finally:  # finished, cancelled or crashed: the concept so far is saved (never untrained, never NaN)
             self.concept.eval()
@@ -291,8 +317,10 @@ class Trainer:
 
     def _diverged(self, what: str) -> None:
         """Put the last checkpoint's weights back (if any) and raise `TrainingDiverged` saying what was kept."""
-        if (kept := self._last_checkpoint) is not None:
-            self.step, _ = checkpoints.restore_weights(kept, self.concept)
+        if self._last_checkpoint is not None:
+            kept, self.step = self._last_checkpoint
+            if self.is_main_process:  # the other processes of a data-parallel run write nothing
+                checkpoints.restore_weights(kept, self.concept)
             outcome = f"the concept is kept at step {self.step} from its last checkpoint {str(kept)!r}"
         else:
             self._keep = False
@@ -301,10 +329,14 @@ class Trainer:
                                f"{self.learning_rate:g} after scaling) or turn mixed precision off")
 
     def save_checkpoint(self, out_path: str | Path) -> Path:
-        """Write a checkpoint of this step beside `out_path` (checkpoints.py) and tell the callbacks."""
+        """Write a checkpoint of this step beside `out_path` (checkpoints.py) and tell the callbacks; the other
+        processes of a data-parallel run only note the checkpoint the main process writes."""
+        if not self.is_main_process:
+            self._last_checkpoint = checkpoints.checkpoint_path(out_path, self.step), self.step
+            return self._last_checkpoint[0]
         path = checkpoints.save_checkpoint(out_path, self.concept, self.optimizer, self.lr_scheduler, self.config,
                                            self.step)
-        self._last_checkpoint = path
+        self._last_checkpoint = path, self.step
         for cb in self.callbacks:
             cb.on_checkpoint(CheckpointInfo(self.step, path))
         return path

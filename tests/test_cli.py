@@ -142,3 +142,57 @@ def test_accelerate_launch_runs_the_training_cli(trained, tiny_model_dir, tmp_pa
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert Concept.load(out).train_steps == 1
+
+
+@pytest.mark.slow  # two launches of two real processes each: CI's slow run
+def test_torchrun_two_processes_train_one_concept_with_equal_mappers(tiny_model_dir, clip_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m neti train` on the CPU (gloo) is data-parallel: each rank draws its own data,
+    the mappers are equal after every step, rank 0 alone writes the concept, checkpoints and previews and prints
+    the summary; a resume of the run, launched the same way, continues it."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from neti.train import weights_digest
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), (40 * i, 90, 200), dtype=np.uint8)).save(photos / f"{i}.png")
+    out = tmp_path / "concepts" / "thing.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "neti"]
+    train = ["train", "--model", str(tiny_model_dir), "--device", "cpu", "--images", str(photos), "--token",
+             "<thing>", "--init-token", "cat", "--grad-accum", "2", "--checkpoint-every", "1", "--resolution", "32",
+             "--preview-every", "2", "--preview-steps", "2", "--clip", str(clip_dir), "--out", str(out)]
+
+    first = subprocess.run([*launch, "-vv", *train, "--steps", "2"], capture_output=True, text=True, timeout=300,
+                           env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    digests = {}  # (step, rank) -> (local loss, mapper digest), from each rank's debug notes
+    for rank, step, loss, digest in re.findall(
+            r"^(?:\[rank (\d)\] )?DEBUG step (\d+) on process \d: local loss (\S+), mapper weights (\w+)$",
+            first.stderr, re.MULTILINE):
+        digests[int(step), int(rank or 0)] = (float(loss), digest)
+    assert sorted(digests) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(digests[step, 0][1] == digests[step, 1][1] for step in (1, 2))  # equal mappers after every step
+    assert digests[1, 0][0] != digests[1, 1][0]  # from different data (a per-rank seed)
+    assert weights_digest(Concept.load(out).mapper) == digests[2, 0][1]
+    assert first.stdout.count("saved to") == 1 and first.stdout.count("<thing> (neti") == 1
+    assert first.stdout.count("step 2: image similarity") == 1  # the preview's scores, once
+    assert re.findall(r"^(\[rank 1\] )?INFO saved <thing>", first.stderr, re.MULTILINE) == [""]  # by rank 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["thing-checkpoints", "thing-previews", "thing.safetensors"]
+    assert sorted(p.name for p in (out.parent / "thing-previews").iterdir()) == [
+        "scores.json", "step-000000.png", "step-000002.png", "step-000002.safetensors"]
+
+    resumed = subprocess.run([*launch, *train, "--steps", "3", "--resume", str(out)], capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[rank 1]" not in resumed.stderr  # the other rank is silent without errors
+    assert resumed.stdout.count("saved to") == 1 and resumed.stdout.count("<thing> (neti, super-category 'cat', 3 "
+                                                                           "steps") == 1
+    assert Concept.load(out).train_steps == 3
+    assert sorted(p.name for p in (out.parent / "thing-checkpoints").iterdir()) == [
+        "checkpoint-000001.safetensors", "checkpoint-000002.safetensors", "checkpoint-000003.safetensors"]
