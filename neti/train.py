@@ -175,6 +175,34 @@ def _gradient_checkpointing(pipe, config: TrainConfig, on: bool) -> None:
         text_encoder.eval()
 
 
+def _accumulate_gradients(trainer: "Trainer") -> tuple[float, float]:
+    """Forward and backward the micro-batches of `trainer`'s next optimisation step; returns this process's loss
+    and the loss every process agrees on (their mean). With several processes gradients accumulate locally and
+    the last micro-batch's backward all-reduces them."""
+    cfg, accelerator, loss_sum = trainer.config, trainer._accelerator, 0.0
+    last = (trainer.step + 1) * cfg.grad_accum - 1
+    for micro_step in range(trainer.step * cfg.grad_accum, last + 1):
+        sync = contextlib.nullcontext() if micro_step == last else accelerator.no_sync(trainer.model)
+        with sync, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trainer._seed(micro_step) + 1)  # nested dropout
+            loss = trainer.loss(trainer.make_batch(micro_step))
+            accelerator.backward(loss / cfg.grad_accum)
+        loss_sum += float(loss.detach()) / cfg.grad_accum
+    if accelerator.num_processes == 1:
+        return loss_sum, loss_sum
+    return loss_sum, float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean"))
+
+
+class _Digest:
+    """`weights_digest(module)`, computed only when a debug line is actually written."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __str__(self) -> str:
+        return weights_digest(self.module)
+
+
 class Trainer:
     """Trains one concept on a loaded `StableDiffusionPipeline`'s frozen components."""
 
@@ -248,8 +276,7 @@ class Trainer:
 
     def evaluation_loss(self, batch: Batch) -> float:
         """Loss on a fixed batch without nested dropout (eval mode), for tracking progress."""
-        was_training = self.concept.training
-        self.concept.eval()
+        was_training, _ = self.concept.training, self.concept.eval()
         with torch.no_grad():
             value = float(self.loss(batch))
         self.concept.train(was_training)
@@ -272,20 +299,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_start(self)
             while self.step < cfg.steps and not self.stopping.is_set():
-                started, step_loss = time.perf_counter(), 0.0
-                last = (self.step + 1) * cfg.grad_accum - 1
-                for micro_step in range(self.step * cfg.grad_accum, last + 1):
-                    # several processes: gradients accumulate locally; the last micro-batch's backward all-reduces
-                    sync = contextlib.nullcontext() if micro_step == last else self._accelerator.no_sync(self.model)
-                    with sync, torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(self._seed(micro_step) + 1)  # nested dropout
-                        loss = self.loss(self.make_batch(micro_step))
-                        self._accelerator.backward(loss / cfg.grad_accum)
-                    step_loss += float(loss.detach()) / cfg.grad_accum
-                local_loss = step_loss
-                if self._accelerator.num_processes > 1:  # every process decides on the same (mean) loss
-                    step_loss = float(self._accelerator.reduce(
-                        torch.tensor(step_loss, device=self._accelerator.device), "mean"))
+                started, (local_loss, step_loss) = time.perf_counter(), _accumulate_gradients(self)
                 if not math.isfinite(step_loss):
                     self._diverged(f"the loss became {step_loss} at step {self.step + 1}")
                 self.optimizer.step()
@@ -295,9 +309,8 @@ class Trainer:
                     self._diverged(f"the weights became NaN or infinite at step {self.step + 1}")
                 self.step = self.concept.train_steps = self.step + 1
                 losses.append(step_loss)
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("step %d on process %d: local loss %.6f, mapper weights %s", self.step,
-                                 self._accelerator.process_index, local_loss, weights_digest(self.concept.mapper))
+                logger.debug("step %d on process %d: local loss %.6f, mapper weights %s", self.step,
+                             self._accelerator.process_index, local_loss, _Digest(self.concept.mapper))
                 info = StepInfo(self.step, cfg.steps, step_loss, self.lr_scheduler.get_last_lr()[0],
                                 time.perf_counter() - started)
                 for cb in self.callbacks:
