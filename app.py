@@ -36,6 +36,7 @@ logger = logging.getLogger("neti.app")
 
 FULL = DEFAULT_HIDDEN_DIM + 1  # the truncation slider's "full" position (no nested-dropout truncation)
 DEFAULT_PROMPT = "a photo of a {} on a white background"
+SAMPLING = Sampling()  # the sampler defaults (guidance, scheduler) the forms start from
 LATEST_PREVIEW_PX = 256
 NO_THUMBNAIL = Image.new("RGB", (64, 64), "#e5e7eb")  # a library concept without a training preview
 # Ctrl+Enter (Cmd+Enter) in a prompt box presses that tab's main button, as in AUTOMATIC1111.
@@ -407,7 +408,8 @@ def send_to_generate(selected):
     k = selected.get("truncation")
     return (gr.Tabs(selected="generate"), [n for n in names if n], selected.get("prompt", DEFAULT_PROMPT),
             selected.get("negative_prompt", ""), int(selected["seed"]), False, int(selected.get("steps", 25)),
-            float(selected.get("guidance", 7.5)), selected.get("scheduler", "dpm"), FULL if k is None else int(k),
+            float(selected.get("guidance", SAMPLING.guidance)), selected.get("scheduler", SAMPLING.scheduler),
+            FULL if k is None else int(k),
             float(selected.get("alpha", DEFAULT_BYPASS_ALPHA)), selected.get("width") or gr.skip(),
             selected.get("height") or gr.skip())
 
@@ -552,7 +554,7 @@ def decompose(name, prompt, seed, steps, progress=gr.Progress()):
     report = reporter(progress, "Decomposing")
     with user_errors():
         r = studio().decompose(prompt, name, int(seed), list(DEFAULT_DECOMPOSITION_TIMESTEPS),
-                               sampling(steps, 7.5, "dpm"), progress=report)
+                               sampling(steps, SAMPLING.guidance, SAMPLING.scheduler), progress=report)
     interrupted(r)
     return gallery(r)
 
@@ -740,8 +742,8 @@ with demo:
                         random_seed = gr.Checkbox(label="Random seed", value=False, elem_id="gen-random-seed")
                     with gr.Row():
                         gen_steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps", elem_id="gen-steps")
-                        guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance")
-                        scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm", label="Scheduler")
+                        guidance = gr.Slider(0, 15, value=SAMPLING.guidance, step=0.5, label="Guidance")
+                        scheduler = gr.Dropdown(list(SCHEDULERS), value=SAMPLING.scheduler, label="Scheduler")
                     with gr.Row():
                         width = gr.Slider(8, 1024, value=512, step=8, label="Width", elem_id="gen-width")
                         height = gr.Slider(8, 1024, value=512, step=8, label="Height", elem_id="gen-height")
@@ -792,8 +794,8 @@ with demo:
                         mix_random = gr.Checkbox(label="Random seed", value=False)
                         mix_steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps",
                                               elem_id="mix-steps")
-                    mix_guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance")
-                    mix_scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm", label="Scheduler")
+                    mix_guidance = gr.Slider(0, 15, value=SAMPLING.guidance, step=0.5, label="Guidance")
+                    mix_scheduler = gr.Dropdown(list(SCHEDULERS), value=SAMPLING.scheduler, label="Scheduler")
                     with gr.Row():
                         mix_btn = gr.Button("Mix", variant="primary", elem_id="mix-button")
                         strip_btn = gr.Button("Strip: starts " + ", ".join(map(str, MIX_STRIP_STARTS)),

@@ -198,7 +198,7 @@ def _eval_parser(sub) -> None:
                    help="CLIPModel hub id or local folder (offline: assets/toy-clip, the bundled toy CLIP)")
     p.add_argument("--prompts", default="toy", help="'toy' (the bundled model's words), 'paper' (NeTI's 15) or "
                    "a text file with one prompt per line, {} for the concept")
-    p.add_argument("--seeds", type=int, default=8, help="number of seeds, 0..N-1 (the paper: 32)")
+    p.add_argument("--seeds", type=int, default=len(EvalConfig().seeds), help="number of seeds, 0..N-1 (the paper: 32)")
     p.add_argument("--sweep", type=int, nargs="*", default=[], help="truncation values k for the sweep")
     p.add_argument("--sweep-for", action="append", default=None, metavar="NAME",
                    help="render the sweep for these concepts only (default: every NeTI concept)")
