@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from neti.paths import REPO_ROOT
+from neti.train import text_encoder_checkpointing
 
 from .common import (PeakMemory, benchmark_tokenizer, choose_threads, environment, make_concept, median,
                      official_loop_encoding, per_layer_trainer, side_by_side, time_call)
@@ -144,7 +145,7 @@ def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: fl
                 finally:
                     if checkpointing:
                         pipe.unet.disable_gradient_checkpointing()
-                        pipe.text_encoder.gradient_checkpointing_disable()
+                        text_encoder_checkpointing(pipe.text_encoder, False)
                     del trainer
                 results.add("training", row)
     pipe.to(torch.float32)

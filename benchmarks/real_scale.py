@@ -5,6 +5,7 @@ diffusers' plain pipeline, a training micro-batch's text-encoder memory against 
     python -m benchmarks.real_scale --shape sd15 --part conditioning   # ~3 min with one thread
     python -m benchmarks.real_scale --shape sd15 --part generation     # ~5 min, ~6 GB
     python -m benchmarks.real_scale --shape sd21 --part training       # ~5 min
+    python -m benchmarks.real_scale --shape sd15 --part step           # a whole training micro-batch, NeTI vs TI
     python -m benchmarks.real_scale --smoke                            # every part on a tiny shape, seconds
 
 Memory is measured in fp32 on the CPU (peak resident set, `common.PeakMemory`) and reported with its
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import replace
 
@@ -215,6 +217,7 @@ def training(shape, batch: int) -> dict:
     NeTI and XTI encode batch x 16 rows, TI batch rows; with and without text-encoder gradient checkpointing."""
     from neti.attention import pack
     from neti.conditioning import TextConditioner
+    from neti.train import text_encoder_checkpointing
 
     tokenizer, encoder = text_parts(shape)
     encoder.requires_grad_(False)
@@ -228,8 +231,7 @@ def training(shape, batch: int) -> dict:
     for method, checkpointing in (("neti", False), ("neti", True), ("ti", False), ("ti", True)):
         concept = concepts[method].train()
         if checkpointing:
-            encoder.gradient_checkpointing_enable()
-            encoder.train()
+            text_encoder_checkpointing(encoder, True)
         per = LAYERS if concept.depends_on_layer else 1
         rows = torch.arange(batch).repeat_interleave(per)
         with PeakMemory() as peak:
@@ -244,15 +246,45 @@ def training(shape, batch: int) -> dict:
         del enc, keys, values, states
         concept.zero_grad(set_to_none=True)
         if checkpointing:
-            encoder.gradient_checkpointing_disable()
-            encoder.eval()
+            text_encoder_checkpointing(encoder, False)
         label = f"{method.upper()}{' + text-encoder checkpointing' if checkpointing else ''}"
         out[label] = {"rows": batch * per, "seconds": round(seconds, 2), "peak_mb_fp32": mb(peak.peak_bytes),
                       "peak_mb_fp16_equivalent": mb(peak.peak_bytes / 2)}
     return out
 
 
-PARTS = {"conditioning": conditioning, "generation": generation, "training": training}
+def step(shape, batch: int) -> dict:
+    """One whole training micro-batch of the paper's setting (batch 2 at the model's resolution: VAE encoding, the
+    text encoder over the per-layer rows, the UNet forward and backward) through `neti.Trainer` with its defaults,
+    NeTI against TI: peak memory and time. Accumulation repeats micro-batches, so it does not raise the peak."""
+    import numpy as np
+    from PIL import Image
+
+    from neti.config import TrainConfig
+    from neti.testing.sd_layout import build_pipeline
+    from neti.train import Trainer
+
+    torch.manual_seed(0)
+    pipe = build_pipeline(shape, tokenizer_for(shape), seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (shape.resolution,) * 2 + (3,), dtype=np.uint8)) for _ in range(4)]
+    out = {"batch": batch, "resolution": shape.resolution}
+    with tempfile.TemporaryDirectory(prefix="real-scale-step-") as tmp:
+        for method in ("neti", "ti"):
+            config = TrainConfig(method=method, steps=1, batch_size=batch, grad_accum=1, checkpoint_every=0)
+            trainer = Trainer(pipe, images, TOKEN, "shape", config)
+            with PeakMemory() as peak:
+                started = time.perf_counter()
+                trainer.train(f"{tmp}/{method}.safetensors")
+                seconds = time.perf_counter() - started
+            out[method.upper()] = {"seconds": round(seconds, 1), "peak_mb_fp32": mb(peak.peak_bytes),
+                                   "peak_mb_fp16_equivalent": mb(peak.peak_bytes / 2)}
+            del trainer
+    return out
+
+
+PARTS = {"conditioning": conditioning, "generation": generation, "training": training, "step": step}
 
 
 def main(argv=None) -> None:
@@ -280,7 +312,7 @@ def main(argv=None) -> None:
             results[part] = generation(shape, 32 if args.smoke else args.resolution,
                                        args.steps or (3 if args.smoke else 50))
         else:
-            results[part] = training(shape, args.batch)
+            results[part] = PARTS[part](shape, args.batch)
         print(json.dumps({part: results[part]}, indent=1), flush=True)
     results["vocabulary"] = VOCABULARY["name"]
     print(f"tokenizer: {VOCABULARY['name']}")

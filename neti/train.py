@@ -166,13 +166,26 @@ def _gradient_checkpointing(pipe, config: TrainConfig, on: bool) -> None:
     if on and config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if on and (config.gradient_checkpointing or config.text_encoder_checkpointing):
-        text_encoder.gradient_checkpointing_enable()
-        text_encoder.train()  # transformers checkpoints only in training mode; CLIP has no dropout
+        text_encoder_checkpointing(text_encoder, True)
     if not on and getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
-    if not on and getattr(text_encoder, "is_gradient_checkpointing", False):
-        text_encoder.gradient_checkpointing_disable()
-        text_encoder.eval()
+    if not on and is_checkpointing(text_encoder):
+        text_encoder_checkpointing(text_encoder, False)
+
+
+def is_checkpointing(text_encoder) -> bool:
+    """Whether a transformers text encoder's activation checkpointing is on (either release's name)."""
+    state = getattr(text_encoder, "is_activation_checkpointing", None)
+    return bool(getattr(text_encoder, "is_gradient_checkpointing", False) if state is None else state)
+
+
+def text_encoder_checkpointing(text_encoder, on: bool) -> None:
+    """Switch a transformers text encoder's activation checkpointing on or off (transformers 5 names it
+    `activation_checkpointing_*`, older releases `gradient_checkpointing_*`); it checkpoints only in training mode,
+    which changes nothing else in CLIP (no dropout)."""
+    prefix = "activation" if hasattr(text_encoder, "activation_checkpointing_enable") else "gradient"
+    getattr(text_encoder, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
+    text_encoder.train(on)
 
 
 def _accumulate_gradients(trainer: "Trainer") -> tuple[float, float]:

@@ -229,21 +229,21 @@ def test_training_checkpoints_the_text_encoder_by_default_exactly_and_switches_i
     import numpy as np
     from PIL import Image
 
-    from neti.train import TrainConfig, Trainer, TrainingCallback
+    from neti.train import TrainConfig, Trainer, TrainingCallback, is_checkpointing
 
     image = Image.fromarray(np.full((32, 32, 3), 120, dtype=np.uint8))
     seen = []
 
     class Probe(TrainingCallback):
         def on_step(self, info):
-            seen.append((tiny_pipe.text_encoder.is_gradient_checkpointing, tiny_pipe.unet.is_gradient_checkpointing))
+            seen.append((is_checkpointing(tiny_pipe.text_encoder), tiny_pipe.unet.is_gradient_checkpointing))
 
     settings = dict(steps=2, batch_size=2, grad_accum=1, checkpoint_every=0)
     checkpointed = Trainer(tiny_pipe, [image], "<thing>", "cat", TrainConfig(**settings), callbacks=[Probe()])
     assert checkpointed.config.text_encoder_checkpointing
     a = checkpointed.train(tmp_path / "a.safetensors").concept
     assert seen == [(True, False)] * 2  # the text encoder only: the UNet keeps its speed
-    assert not tiny_pipe.text_encoder.is_gradient_checkpointing and not tiny_pipe.text_encoder.training
+    assert not is_checkpointing(tiny_pipe.text_encoder) and not tiny_pipe.text_encoder.training
     plain = Trainer(tiny_pipe, [image], "<thing>", "cat", TrainConfig(**settings, text_encoder_checkpointing=False))
     b = plain.train(tmp_path / "b.safetensors").concept
     for (name, x), (_, y) in zip(a.mapper.state_dict().items(), b.mapper.state_dict().items()):
