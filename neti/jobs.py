@@ -16,7 +16,7 @@ from typing import Sequence
 from .config import PreviewConfig, TrainConfig
 from .fidelity import FidelityTracker, StepScore
 from .previews import Previews
-from .progress import format_seconds
+from .progress import about_left
 from .train import Trainer, TrainingCallback
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class TrainingSnapshot:
         if self.status == "idle":
             return "No training has run on this server yet."
         speed = f", {self.seconds_per_step:.2f} s/step" if self.seconds_per_step else ""
-        eta = f", about {format_seconds(self.eta_seconds)} left" if self.running and self.eta_seconds else ""
+        eta = about_left(self.eta_seconds) if self.running else ""
         loss = f", loss {self.losses[-1]:.4f} (smoothed {self.smoothed[-1]:.4f})" if self.losses else ""
         best = f", best fidelity/editability trade-off at step {self.best_step}" if self.best_step is not None else ""
         head = f"{self.name} (`{self.token}`): {self.status}, step {self.step}/{self.total}{loss}{speed}{eta}{best}"
@@ -133,7 +133,7 @@ class TrainingManager:
     def _check_idle(self) -> None:  # call with the lock held
         s = self._snap
         if s.running:
-            left = f", about {format_seconds(s.eta_seconds)} left" if s.eta_seconds else ""
+            left = about_left(s.eta_seconds)
             raise TrainingBusyError(
                 f"a training is already running on this server: '{s.name}' ({s.token}) at step {s.step}/{s.total}"
                 f"{left}; wait for it or stop it first (one training at a time)")

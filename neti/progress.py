@@ -24,6 +24,11 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
+def about_left(seconds: float | None) -> str:
+    """', about 12 s left' to append to a status line, or '' when the time left is unknown or nothing is left."""
+    return f", about {format_seconds(seconds)} left" if seconds else ""
+
+
 def time_left(done: int, total: int, elapsed: float) -> float | None:
     """Seconds left at the mean pace so far; None before the first step."""
     return None if done <= 0 else elapsed / done * max(0, total - done)
@@ -43,6 +48,6 @@ class StepReporter:
         self.done = done
         if self.report is not None:
             left = time_left(done, total, self.clock() - self.started)
-            eta = f", about {format_seconds(left)} left" if left is not None and done < total else ""
+            eta = about_left(left) if done < total else ""
             self.report(done, total, f"{self.what} {done}/{total}{eta}")
         return self.interrupt is not None and self.interrupt.is_set()
