@@ -240,6 +240,18 @@ def _text_parts(text_encoder: nn.Module) -> nn.Module:
     return getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests the parts, 5.x does not
 
 
+def text_transformer(text_encoder: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    """A CLIP text encoder on input embeddings (N, S, D) instead of token ids: the last hidden state before the
+    final LayerNorm, exactly what `text_encoder(ids)` computes from the ids' embeddings (causal mask, no padding
+    mask, as in Stable Diffusion)."""
+    from transformers.masking_utils import create_causal_mask
+
+    parts = _text_parts(text_encoder)
+    hidden = parts.embeddings(inputs_embeds=embeds)
+    mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+    return parts.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+
+
 class TextConditioner:
     """Batched P* text encodings for one tokenizer / text encoder pair, with a byte-bounded cache for inference.
 
@@ -323,13 +335,7 @@ class TextConditioner:
         return TokenizedPrompt(tuple(ids), tuple(slots))
 
     def _body(self, embeds: torch.Tensor) -> torch.Tensor:
-        """CLIP text transformer on input embeddings (N, S, D) -> last hidden state before the final LayerNorm."""
-        from transformers.masking_utils import create_causal_mask
-
-        parts = _text_parts(self.text_encoder)
-        hidden = parts.embeddings(inputs_embeds=embeds)
-        mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-        return parts.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        return text_transformer(self.text_encoder, embeds)
 
     def rows_per_call(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> int:
         """Rows per text-encoder call: `chunk_rows`, else `CHUNK_TOKENS` tokens on the CPU, else as many rows as

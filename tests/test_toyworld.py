@@ -108,11 +108,87 @@ def test_colour_dropout_leaves_out_the_object_colour_only():
     decoded = {}
     for share in (0.0, 1.0):
         data = CaptionedLatents(torch.zeros(64, 8, 2, 2), world, tokenizer, drop=0.0, seed=0, colour_drop=share)
-        _, ids = data.batch(0, 64)
-        decoded[share] = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        _, ids, weights = data.batch(0, 64)
+        assert ids.shape[-1] == 1 and bool((weights == 1).all())  # no blends: one token per position
+        decoded[share] = tokenizer.batch_decode(ids[..., 0], skip_special_tokens=True)
     objects = {share: [t.split(" on a ")[0].split() for t in texts] for share, texts in decoded.items()}
     assert all(any(c in words for c in COLOURS) for words in objects[0.0])  # every caption names a colour
     assert not any(c in words for words in objects[1.0] for c in COLOURS)  # none does
+
+
+def test_blends_say_unnamed_values_with_named_words_only():
+    """The UNet's blended captions: every word a blend uses is a word of the generator's vocabulary (one token
+    each), no unnamed word appears, each unnamed value that is said is said by its own blend, and with no
+    blends the words are exactly `caption`'s."""
+    from toyworld.model import build_tokenizer
+    from toyworld.world import BLENDS, described
+
+    words, tokenizer, blended = set(vocabulary()), build_tokenizer(), set()
+    for first, second in BLENDS.values():
+        assert {first, second} <= words and all(len(tokenizer.tokenize(w)) == 1 for w in (first, second))
+    for seed in range(3):
+        world = World(seed, unnamed=0.25)
+        for i in range(200):
+            scene = world.scene(i)
+            assert described(scene, world.rng(i, 2), share=0.0) == caption(scene, world.rng(i, 2)).split()
+            parts = described(scene, world.rng(i, 2), share=1.0)
+            flat = [w for p in parts for w in ([p] if isinstance(p, str) else [w for w, _ in p])]
+            assert set(flat) <= words and not set(flat) & UNNAMED_WORDS, parts
+            for part in parts:
+                if not isinstance(part, str):
+                    assert abs(sum(w for _, w in part) - 1) < 1e-9, part
+                    blended |= {value for value, pair in BLENDS.items() if {w for w, _ in part} == set(pair)}
+            if not scene.named_shape:  # share 1: the shape is said by its blend
+                assert any(not isinstance(p, str) and {w for w, _ in p} == set(BLENDS[scene.shape]) for p in parts)
+            squeezed = described(scene, world.rng(i, 2), share=1.0, compound_share=1.0)
+            assert len(squeezed) <= len(parts) and sum(not isinstance(p, str) for p in squeezed) == 1
+    assert blended == set(BLENDS)
+
+
+def test_blended_text_encoding_equals_the_text_encoder_on_plain_words():
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from toyworld.model import TOY_SD_PATH
+    from toyworld.train import CaptionedLatents, blend_embeddings, encode_blended
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOY_SD_PATH / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(TOY_SD_PATH / "text_encoder")).eval()
+    world = World(0, unnamed=0.25)
+    plain = CaptionedLatents(torch.zeros(32, 8, 2, 2), world, tokenizer, drop=0.1, seed=0)
+    _, ids, weights = plain.batch(0, 16)
+    with torch.no_grad():
+        assert torch.equal(encode_blended(text_encoder, ids, weights), text_encoder(ids[..., 0])[0])
+        data = CaptionedLatents(torch.zeros(32, 8, 2, 2), world, tokenizer, drop=0.0, seed=0, blend_share=1.0)
+        _, ids, weights = data.batch(0, 16)
+        assert ids.shape[-1] > 1 and torch.allclose(weights.sum(-1), torch.ones(ids.shape[:2]))
+        blended = encode_blended(text_encoder, ids, weights)
+        assert not torch.allclose(blended, text_encoder(ids[..., 0])[0])  # the blends change the encoding
+        rows = text_encoder.get_input_embeddings()(ids)
+        b, s = (weights[..., 1] > 0).nonzero()[0].tolist()  # one blended position, checked by hand
+        mix = (weights[b, s, :, None] * rows[b, s]).sum(0)
+        expected = mix * (weights[b, s] * rows[b, s].norm(dim=-1)).sum() / mix.norm()
+        got = blend_embeddings(text_encoder.get_input_embeddings(), ids, weights)[b, s]
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_judges_read_what_the_image_shows():
+    """A sketch draws its pattern in the body colour, so its label has no second colour; two-coloured checks have
+    no body colour to tell apart, so their colours count as an unordered pair, and nothing else does."""
+    from dataclasses import replace
+
+    from toyworld.classifier import hits
+    from toyworld.world import Labels, SECOND_COLOURS, Thing, shown, symmetric_colours
+    from toyworld.world import Scene
+
+    checks = Scene("heart", "pink", "checkered", "white", "photo", (Thing(32, 32, 15),), pattern_colour="teal")
+    dots = replace(checks, pattern="dotted")
+    sketch = replace(checks, rendering="sketch")
+    assert symmetric_colours(checks) and not symmetric_colours(dots) and not symmetric_colours(sketch)
+    assert shown(sketch, "second") == "shade" and Labels.of(sketch).second == SECOND_COLOURS.index("shade")
+    assert shown(checks, "second") == "teal" and np.array_equal(render(sketch), render(replace(sketch, pattern_colour=None)))
+    swapped = {"colour": ["teal", "teal", "pink"], "second": ["pink", "pink", "shade"]}
+    assert hits(swapped, [checks, dots, sketch], "colour") == [True, False, True]
+    assert hits(swapped, [checks, dots, sketch], "second") == [True, False, True]
 
 
 @pytest.fixture(scope="module")

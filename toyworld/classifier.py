@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from toyworld.world import (ATTRIBUTES, SECOND_COLOURS, UNNAMED_COLOURS, UNNAMED_PATTERNS, UNNAMED_SHAPES, Labels,
-                            Scene)
+from toyworld.world import (ALL_COLOURS, ATTRIBUTES, SECOND_COLOURS, UNNAMED_COLOURS, UNNAMED_PATTERNS, UNNAMED_SHAPES,
+                            Labels, Scene, shown, symmetric_colours)
 
 UNNAMED_VALUES = {"shape": set(UNNAMED_SHAPES), "colour": set(UNNAMED_COLOURS), "pattern": set(UNNAMED_PATTERNS),
                   "second": set(SECOND_COLOURS) - {"shade"}}  # any second colour makes an object two-coloured
@@ -72,25 +72,50 @@ def label_tensors(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([getattr(label, name) for label in labels]) for name in ATTRIBUTES}
 
 
+def hits(predicted: dict[str, list], scenes: list[Scene], name: str) -> list[bool]:
+    """Whether each prediction of attribute `name` is what the image shows (`toyworld.world.shown`); the colour
+    and second colour of two-coloured checks count as an unordered pair (`symmetric_colours`)."""
+    out = []
+    for i, scene in enumerate(scenes):
+        if name in ("colour", "second") and symmetric_colours(scene):
+            out.append({predicted["colour"][i], predicted["second"][i]} == {scene.colour, scene.second})
+        else:
+            out.append(predicted[name][i] == shown(scene, name))
+    return out
+
+
 def accuracy(classifier: AttributeClassifier, images, scenes: list[Scene]) -> dict[str, float]:
-    """Fraction of images whose predicted attribute equals the scene's, per attribute the classifier knows."""
+    """Fraction of images whose predicted attribute is the one the image shows, per attribute the classifier
+    knows."""
     predicted = classifier.predict(images)
-    return {name: float(np.mean([p == getattr(s, name) for p, s in zip(values, scenes)]))
-            for name, values in predicted.items()}
+    return {name: float(np.mean(hits(predicted, scenes, name))) for name in predicted}
 
 
 def unnamed_accuracy(classifier: AttributeClassifier, images, scenes: list[Scene]) -> dict[str, float]:
-    """Accuracy on the images whose attribute has an unnamed value (a heart, pink, checks, a second colour),
-    per attribute that has unnamed values."""
+    """Accuracy on the images that show an unnamed value of the attribute (a heart, pink, checks, a second
+    colour), per attribute that has unnamed values."""
     predicted = classifier.predict(images)
     found = {}
     for name, unnamed in UNNAMED_VALUES.items():
         if name not in predicted:  # a classifier of the named world alone
             continue
-        hits = [p == getattr(s, name) for p, s in zip(predicted[name], scenes) if getattr(s, name) in unnamed]
-        if hits:
-            found[name] = float(np.mean(hits))
+        flags = [h for h, s in zip(hits(predicted, scenes, name), scenes) if shown(s, name) in unnamed]
+        if flags:
+            found[name] = float(np.mean(flags))
     return found
+
+
+def colour_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], symmetric: torch.Tensor
+                ) -> torch.Tensor:
+    """Cross-entropy of the colour and second-colour heads; for two-coloured checks (`symmetric`), the better of
+    the two ways to assign the colours."""
+    ce = lambda head, labels: F.cross_entropy(logits[head], labels, reduction="none")  # noqa: E731
+    ordered = ce("colour", targets["colour"]) + ce("second", targets["second"])
+    colour_of_second = torch.tensor([ALL_COLOURS.index(SECOND_COLOURS[i]) if SECOND_COLOURS[i] in ALL_COLOURS else 0
+                                     for i in targets["second"].tolist()])
+    second_of_colour = torch.tensor([SECOND_COLOURS.index(ALL_COLOURS[i]) for i in targets["colour"].tolist()])
+    swapped = ce("colour", colour_of_second) + ce("second", second_of_colour)
+    return torch.where(symmetric, torch.minimum(ordered, swapped), ordered).mean()
 
 
 def degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -134,9 +159,13 @@ def train_classifier(args) -> None:
     if state:
         classifier.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+    elif args.init:  # fine-tune a saved classifier (a fresh optimiser and schedule)
+        classifier.load_state_dict(load_classifier(args.init).state_dict())
+        logger.info("starting from the classifier in %s", args.init)
     # a fixed pool of images apart from those the VAE and UNet see, reused with random damage
     pool, scenes = image_pool(World(args.seed, unnamed=args.unnamed), 20_000_000, min(POOL, args.steps * args.batch))
     targets = label_tensors(scenes)
+    symmetric = torch.tensor([symmetric_colours(s) for s in scenes])
     progress = Progress(args.save_minutes, args.minutes)
 
     def save() -> None:
@@ -151,7 +180,9 @@ def train_classifier(args) -> None:
         generator = step_generator(args.seed, step)
         x = degrade(torch.where(torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5, x, x.flip(3)), generator)
         logits = classifier(x)
-        loss = sum(F.cross_entropy(logits[k], targets[k][indices]) for k in logits)
+        batch_targets = {k: v[indices] for k, v in targets.items()}
+        loss = colour_loss(logits, batch_targets, symmetric[indices]) + sum(
+            F.cross_entropy(logits[k], batch_targets[k]) for k in logits if k not in ("colour", "second"))
         optimise(optimizer, loss)
         step += 1
         progress.after_step(f"classifier step {step} loss {loss.item():.4f}", save)

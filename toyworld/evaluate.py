@@ -76,6 +76,42 @@ def unnamed_prior(pipe, classifier, count: int, steps: int, guidance: float, see
     return found
 
 
+@torch.no_grad()
+def blend_response(pipe, classifier, count: int, steps: int, guidance: float, seed: int = 2000) -> dict:
+    """How the model answers text it was trained on but no prompt can type: for each unnamed value, the share of
+    `count` images of "a photo of a <blend> on a white background" (a colour or checks: "... <blend> shape ...")
+    that show it; and for each example concept, the share that show its whole combination when its colour,
+    pattern, second colour and shape are one compound position (what a learned concept must find)."""
+    from toyworld.examples import EXAMPLES
+    from toyworld.train import blended_ids, encode_blended
+    from toyworld.world import BLENDS, SECOND_WORD, UNNAMED_COLOURS, UNNAMED_SHAPES, blend_of, compound
+
+    def images(middle: list) -> dict[str, list]:
+        words = ["a", "photo", "of", "a", *middle, "on", "a", "white", "background"]
+        ids, weights = blended_ids(pipe.tokenizer, [words] * count)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+        out = pipe(prompt_embeds=encode_blended(pipe.text_encoder, ids, weights), num_inference_steps=steps,
+                   guidance_scale=guidance, generator=generators, output_type="np").images
+        return classifier.predict((out * 255).round().astype(np.uint8))
+
+    found: dict = {"images_per_prompt": count}
+    for value in BLENDS:
+        attribute = "shape" if value in UNNAMED_SHAPES else "colour" if value in UNNAMED_COLOURS else "pattern"
+        middle = [blend_of(value)] if attribute == "shape" else [blend_of(value), "shape"]
+        found[value] = float(np.mean([p == value for p in images(middle)[attribute]]))
+    for example in EXAMPLES:
+        parts = [blend_of(example.colour), blend_of(example.pattern), blend_of(example.shape)]
+        second = "shade" if example.pattern == "plain" else example.pattern_colour
+        if second != example.colour and example.pattern != "plain":
+            parts.insert(2, ((SECOND_WORD, 0.5), *((w, 0.5 * x) for w, x in blend_of(second))))
+        predicted = images([compound([p for p in parts if p != (("plain", 1.0),)])])
+        hits = [s == example.shape and c == example.colour and pt == example.pattern
+                and (sc == second or example.pattern == "plain")
+                for s, c, pt, sc in zip(*(predicted[k] for k in ("shape", "colour", "pattern", "second")))]
+        found[f"compound {example.name}"] = float(np.mean(hits))
+    return found
+
+
 def example_round_trips(vae) -> dict[str, float]:
     """Mean absolute error (in [-1, 1] units) of each example concept's photos after a VAE round trip."""
     from toyworld.examples import EXAMPLES, example_scenes

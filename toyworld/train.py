@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from toyworld.loop import (Progress, cosine, images_tensor, load_checkpoint, optimise, save_atomic, scenes_tensor,
                            step_generator)
-from toyworld.world import World, caption
+from toyworld.world import World, caption, described
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 UNET_LR = 1e-3  # peak learning rate of the UNet stage (after 500 warm-up steps)
@@ -172,31 +172,93 @@ def encode_latents(args) -> None:
 # ------------------------------------------------------------------------------------- 3. UNet + text encoder
 
 class CaptionedLatents:
-    """Epoch-shuffled (latent, caption) batches that are a pure function of (seed, step)."""
+    """Epoch-shuffled (latent, caption) batches that are a pure function of (seed, step).
 
-    def __init__(self, latents: torch.Tensor, world: World, tokenizer, drop: float, seed: int, colour_drop: float = 0.0):
+    A caption is given as token ids and weights, both (B, S, K): position s of sample b is the weighted blend of
+    the K tokens' input embeddings (`blend_embeddings`); a plain word is one token of weight 1. With
+    `blend_share > 0`, unnamed values are said by their blends and, with `compound_share`, descriptors merge into
+    one position (`toyworld.world.described`); with both 0 the ids are the tokenizer's and K = 1."""
+
+    def __init__(self, latents: torch.Tensor, world: World, tokenizer, drop: float, seed: int, colour_drop: float = 0.0,
+                 blend_share: float = 0.0, compound_share: float = 0.0):
         self.latents, self.world, self.tokenizer, self.drop, self.seed = latents, world, tokenizer, drop, seed
         self.colour_drop = colour_drop  # share of captions without the object's colour word
+        self.blend_share, self.compound_share = blend_share, compound_share
         self.scenes = [world.scene(i) for i in range(len(latents))]
         self.permutations: dict[int, torch.Tensor] = {}
+        self.pieces: dict[str, list[int]] = {}
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self.permutations:
             self.permutations = {epoch: torch.randperm(len(self.latents), generator=step_generator(self.seed, epoch, 1))}
         return self.permutations[epoch]
 
-    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def words(self, k: int, index: int) -> list:
+        """Sample k's caption as words and blends (empty for a dropped caption)."""
+        rng = np.random.default_rng([self.seed, k, 2])
+        with_colour = np.random.default_rng([self.seed, k, 4]).random() >= self.colour_drop  # its own stream
+        if rng.random() < self.drop:
+            return []
+        if not (self.blend_share or self.compound_share):
+            return caption(self.scenes[index], rng, with_colour).split()
+        return described(self.scenes[index], rng, with_colour, self.blend_share, self.compound_share)
+
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (B, C, H, W), token ids and weights (B, S, K)."""
         n = len(self.latents)
         ks = range(step * size, (step + 1) * size)
         indices = torch.stack([self.permutation(k // n)[k % n] for k in ks])
-        captions = []
-        for k, i in zip(ks, indices.tolist()):
-            rng = np.random.default_rng([self.seed, k, 2])
-            with_colour = np.random.default_rng([self.seed, k, 4]).random() >= self.colour_drop  # its own stream
-            captions.append("" if rng.random() < self.drop else caption(self.scenes[i], rng, with_colour))
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.latents[indices].float(), ids
+        ids, weights = blended_ids(self.tokenizer, [self.words(k, i) for k, i in zip(ks, indices.tolist())],
+                                   self.pieces)
+        return self.latents[indices].float(), ids, weights
+
+
+def blended_ids(tokenizer, captions: list[list], pieces: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and weights (B, S, K) of captions given as words and blends (`toyworld.world.described`), padded
+    and truncated as the tokenizer does (start, words, end, padding). A word's pieces each take a position; a
+    blend is one position holding all its words' pieces, a word's weight split evenly over its pieces."""
+    pieces = {} if pieces is None else pieces  # word -> token ids, a cache
+
+    def token_ids(word: str) -> list[int]:
+        if word not in pieces:
+            pieces[word] = tokenizer(word, add_special_tokens=False).input_ids
+        return pieces[word]
+
+    rows, n = [], tokenizer.model_max_length
+    for words in captions:
+        row = [[(tokenizer.bos_token_id, 1.0)]]
+        for word in words:
+            if isinstance(word, str):
+                row += [[(i, 1.0)] for i in token_ids(word)]
+            else:
+                row.append([(i, w / len(token_ids(part))) for part, w in word for i in token_ids(part)])
+        row = row[:n - 1] + [[(tokenizer.eos_token_id, 1.0)]]
+        rows.append(row + [[(tokenizer.pad_token_id, 1.0)]] * (n - len(row)))
+    ids = torch.full((len(rows), n, max(len(p) for r in rows for p in r)), tokenizer.pad_token_id, dtype=torch.long)
+    weights = torch.zeros(ids.shape)
+    for b, row in enumerate(rows):
+        for s, position in enumerate(row):
+            for j, (i, w) in enumerate(position):
+                ids[b, s, j], weights[b, s, j] = i, w
+    return ids, weights
+
+
+def blend_embeddings(token_embedding: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Input embeddings (B, S, D) for blended positions: the weighted sum of the tokens' rows, rescaled to the
+    weighted mean of their norms (a blend of words is as long as a word; a single token is its own row)."""
+    rows = token_embedding(ids)  # (B, S, K, D)
+    mixed = (weights.unsqueeze(-1) * rows).sum(dim=-2)
+    target = (weights * rows.norm(dim=-1)).sum(dim=-1, keepdim=True)
+    return mixed * (target / mixed.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def encode_blended(text_encoder: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The text encoder's output (B, S, D) for blended captions; equals `text_encoder(ids)[0]` when K = 1."""
+    from neti.conditioning import text_transformer
+
+    parts = getattr(text_encoder, "text_model", text_encoder)
+    embeds = blend_embeddings(parts.embeddings.token_embedding, ids, weights)
+    return parts.final_layer_norm(text_transformer(text_encoder, embeds))
 
 
 def clip_text_weights(folder: Path, tokenizer) -> dict:
@@ -290,7 +352,8 @@ def train_unet(args) -> None:
         ema_text_encoder.load_state_dict(text_encoder.state_dict())
         print(f"text encoder initialised from the CLIP text tower in {args.text_init}")
     data = CaptionedLatents(cache["latents"], World(cache["seed"], unnamed=cache.get("unnamed", 0.0)), tokenizer,
-                            drop=CAPTION_DROPOUT, seed=args.seed, colour_drop=args.colour_dropout)
+                            drop=CAPTION_DROPOUT, seed=args.seed, colour_drop=args.colour_dropout,
+                            blend_share=args.blend_share, compound_share=args.compound_share)
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     warmup = 500
     progress, start_step, losses = Progress(args.save_minutes, args.minutes), step, []
@@ -300,20 +363,21 @@ def train_unet(args) -> None:
                          ema_text_encoder=ema_text_encoder.state_dict(), optimizer=optimizer.state_dict(), step=step,
                          batch=args.batch, seed=args.seed, scaling_factor=scaling,
                          noise_offset=args.noise_offset, colour_dropout=args.colour_dropout,
+                         blend_share=args.blend_share, compound_share=args.compound_share,
                          **({"continued_from": continued_from} if continued_from else {})), path)
 
     unet.train(), text_encoder.train()
     while step < args.steps and not progress.out_of_time():
         for group in optimizer.param_groups:
             group["lr"] = (args.lr or UNET_LR) * min(1.0, (step + 1) / warmup)
-        latents, ids = data.batch(step, args.batch)
+        latents, ids, weights = data.batch(step, args.batch)
         x0 = latents * scaling
         generator = step_generator(args.seed, step)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
         if args.noise_offset:
             noise = noise + args.noise_offset * torch.randn(*x0.shape[:2], 1, 1, generator=generator)
-        prediction = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
+        prediction = unet(scheduler.add_noise(x0, noise, t), t, encode_blended(text_encoder, ids, weights)).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (min_snr_weights(scheduler, t) * per_sample).mean()
         optimise(optimizer, loss, params)
@@ -413,6 +477,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--colour-dropout", type=float, default=0.0,
                         help="UNet stage: share of captions without the object's colour word, so that a prompt "
                              "like 'a <concept> on a red background' reads red as the background")
+    parser.add_argument("--blend-share", type=float, default=0.0,
+                        help="UNet stage: probability that a caption says an unnamed value by its blend of two "
+                             "named words' embeddings (toyworld.world.BLENDS) instead of leaving it out")
+    parser.add_argument("--compound-share", type=float, default=0.0,
+                        help="UNet stage: share of captions whose colour, pattern and shape are merged into one "
+                             "position (a compound of their embeddings)")
+    parser.add_argument("--init", type=Path, help="classifier stage, fresh start: fine-tune this saved classifier")
     parser.add_argument("--from-export", action="store_true",
                         help="unet stage, fresh start: continue the exported model (assets/toy-sd) instead of "
                              "random weights; the latent scaling factor stays the export's")

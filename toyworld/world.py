@@ -223,6 +223,73 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, with_colour: b
     return text
 
 
+# ------------------------------------------------------------------------------------------------ blends
+
+# How the UNet's training text describes an unnamed value without a word for it: at the word's place, a blend of
+# two named words' input embeddings (weights drawn per caption, the blend rescaled to its words' norm; see
+# `toyworld.train.blend_embeddings`). No token id produces a blend, so no prompt can ask for the value, but the
+# text side now varies with it, as real captions vary with a user's cat ("a ginger cat", "a fluffy cat") although no
+# word names that cat. A learned concept, which works in the embedding space, can reach it. Every word here is one
+# token of the generator's vocabulary.
+BLENDS = {"crescent": ("circle", "ring"), "heart": ("circle", "star"), "hexagon": ("circle", "square"),
+          "pink": ("red", "white"), "teal": ("blue", "yellow"), "brown": ("red", "black"),
+          "checkered": ("dotted", "square")}
+SECOND_WORD = "with"  # a second colour's blend: "with" and the colour (its blend if unnamed)
+
+Blend = tuple[tuple[str, float], ...]  # (word, weight) pairs, weights summing to 1
+
+
+def blend_of(value: str, rng: np.random.Generator | None = None) -> Blend:
+    """The blend that stands for an unnamed value (or the word itself, for a named one), weights ~ U(0.3, 0.7)
+    (without `rng`: the midpoint)."""
+    if value not in BLENDS:
+        return ((value, 1.0),)
+    w = 0.5 if rng is None else float(rng.uniform(0.3, 0.7))
+    first, second = BLENDS[value]
+    return ((first, w), (second, 1 - w))
+
+
+def compound(parts: list[Blend]) -> Blend:
+    """Several descriptors merged into one position, each with an equal share: one token that carries a colour, a
+    pattern and a shape together, as one word of a real vocabulary often does ("zebra", "ladybird")."""
+    weights: dict[str, float] = {}
+    for part in parts:
+        for word, w in part:
+            weights[word] = weights.get(word, 0.0) + w / len(parts)
+    return tuple(weights.items())
+
+
+def described(scene: Scene, rng: np.random.Generator, with_colour: bool = True, share: float = 0.7,
+              compound_share: float = 0.0) -> list[str | Blend]:
+    """`caption(scene, rng, with_colour)` as a word list in which each unnamed value, with probability `share`
+    (its own draw), is said by its blend: an unnamed shape in the noun's place, an unnamed colour (or a two-coloured
+    object's body colour) before the pattern, checks as the pattern, a second colour as "with" blended with that
+    colour, before the noun. With probability `compound_share` the object's descriptors (colour, pattern, second
+    colour, noun) become one compound position. The caption's own draws come first, from `rng`; the blends' draws
+    follow, so the words of `caption` are unchanged. `share=0` and `compound_share=0` give `caption`'s words."""
+    words: list[str | Blend] = caption(scene, rng, with_colour).split()
+    nouns = {*SHAPES, *SUPER_CATEGORIES, *PLURALS.values()}
+    noun = next(i for i, w in enumerate(words) if w in nouns and (i + 1 == len(words) or words[i + 1] == "on"))
+    article = next(i for i in range(noun - 1, -1, -1) if words[i] in ("a", "an", "two"))
+    draws, picks = rng.random(4) < share, rng.random(4)
+    said = [((w, 1.0),) for w in words[article + 1:noun]]  # the caption's colour and pattern words
+    if with_colour and draws[0] and not (scene.colour in COLOURS and scene.second == "shade"):
+        said.insert(0, blend_of(scene.colour, np.random.default_rng(int(picks[0] * 2 ** 32))))
+    if scene.pattern == "checkered" and draws[1]:
+        said.append(blend_of("checkered", np.random.default_rng(int(picks[1] * 2 ** 32))))
+    if scene.second != "shade" and draws[2]:
+        colour = blend_of(scene.second, np.random.default_rng(int(picks[2] * 2 ** 32)))
+        said.append(((SECOND_WORD, 0.5), *((w, 0.5 * x) for w, x in colour)))
+    name: Blend = ((words[noun], 1.0),)
+    if not scene.named_shape and draws[3]:
+        name = blend_of(scene.shape, np.random.default_rng(int(picks[3] * 2 ** 32)))
+    said.append(name)
+    if len(said) > 1 and rng.random() < compound_share:
+        said = [compound(said)]
+    middle = [part[0][0] if len(part) == 1 else part for part in said]
+    return [*words[:article + 1], *middle, *words[noun + 1:]]
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 
 def _grid() -> tuple[np.ndarray, np.ndarray]:
@@ -324,6 +391,21 @@ ATTRIBUTES: dict[str, tuple] = {"shape": ALL_SHAPES, "colour": ALL_COLOURS, "pat
                                 "rendering": RENDERINGS}
 
 
+def shown(scene: Scene, name: str):
+    """The value of attribute `name` that the scene's image shows: the scene's own, except that a sketch draws its
+    pattern in the body's colour, so a sketch shows no second colour ("shade")."""
+    if name == "second" and scene.rendering == "sketch":
+        return "shade"
+    return getattr(scene, name)
+
+
+def symmetric_colours(scene: Scene) -> bool:
+    """Whether the image cannot tell the body colour from the pattern's: checks in two colours (half the squares
+    each) whose colours could each be either. Judges read such colours as an unordered pair."""
+    second = shown(scene, "second")
+    return scene.pattern == "checkered" and second in ALL_COLOURS and second != "shade"
+
+
 @dataclass(frozen=True)
 class Labels:
     """Integer attribute labels of a scene, the classifier's targets (indices into `ATTRIBUTES`)."""
@@ -338,7 +420,7 @@ class Labels:
 
     @classmethod
     def of(cls, scene: Scene) -> "Labels":
-        return cls(**{name: values.index(getattr(scene, name)) for name, values in ATTRIBUTES.items()})
+        return cls(**{name: values.index(shown(scene, name)) for name, values in ATTRIBUTES.items()})
 
 
 def parse_caption(text: str) -> dict[str, str]:
@@ -369,5 +451,5 @@ def dataset(world: World, start: int, count: int) -> tuple[np.ndarray, list[Scen
 
 
 __all__ = ["World", "Scene", "Thing", "Labels", "render", "caption", "vocabulary", "parse_caption", "dataset",
-           "ATTRIBUTES", "SHAPES", "COLOURS", "BACKGROUNDS", "PATTERNS", "COUNTS", "RENDERINGS", "RGB", "SIZE",
+           "ATTRIBUTES", "BLENDS", "described", "shown", "symmetric_colours", "SHAPES", "COLOURS", "BACKGROUNDS", "PATTERNS", "COUNTS", "RENDERINGS", "RGB", "SIZE",
            "UNNAMED_SHAPES", "UNNAMED_COLOURS", "UNNAMED_PATTERNS", "UNNAMED_WORDS", "SECOND_COLOURS"]
