@@ -1,7 +1,9 @@
 """The UNet's cross-attention layers in forward order, with stable names (NeTI Sec. 3.1: the space axis).
 
 SD 1.x/2.x have 16 cross-attention layers. Their LDM names (IN01 ... MID ... OUT11, as in the official code and
-the paper's figures) are derived from the diffusers module paths; other layouts keep the diffusers path as name.
+the paper's figures) are derived from the diffusers module paths. SDXL's 70 stack several transformer blocks in one
+attention module: each is named by its LDM block and its place in the stack, `IN04.0`, `IN04.1`, ..., `MID.9`, ...,
+`OUT05.1` (docs/sdxl.md "Layer names"). Other layouts keep the diffusers path as name.
 `unet.attn_processors` lists the mid block last, so the order is rebuilt here: down blocks, mid block, up blocks.
 The layer table: docs/method.md "Base model and layers".
 """
@@ -39,15 +41,17 @@ def _sort_key(path: str) -> tuple:
 
 
 def _ldm_name(path: str, layers_per_block: int, single_block: bool) -> str | None:
+    """IN/MID/OUT by the LDM block index; with stacked transformer blocks (SDXL) '.k' for the k-th of the stack."""
     match = _PATH.match(path)
-    if match is None or not single_block:
+    if match is None:
         return None
+    stack = "" if single_block else f".{match['tb']}"
     if match["group"] == "mid_block":
-        return "MID"
+        return "MID" + stack
     block, attn = int(match["block"]), int(match["attn"])
     if match["group"] == "down_blocks":
-        return f"IN{block * (layers_per_block + 1) + attn + 1:02d}"
-    return f"OUT{block * (layers_per_block + 1) + attn:02d}"
+        return f"IN{block * (layers_per_block + 1) + attn + 1:02d}{stack}"
+    return f"OUT{block * (layers_per_block + 1) + attn:02d}{stack}"
 
 
 def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:

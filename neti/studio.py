@@ -196,7 +196,7 @@ class Studio:
             except (ValueError, OSError):
                 out.append(ConceptStatus(e.name, "", 0, e.shipped, "unreadable file"))
                 continue
-            fits = concept.fits(self.generator.token_dim, self.generator.num_layers)
+            fits = concept.fits(self.generator.token_dim, self.generator.num_layers, self.generator.token_widths)
             problem = "" if fits else "made for another base model"
             problem = problem or ("" if concept.train_steps else "0 training steps")
             out.append(ConceptStatus(e.name, concept.token, int(concept.train_steps or 0), e.shipped, problem))

@@ -1,0 +1,187 @@
+"""SDXL (docs/sdxl.md): a tiny SDXL-shaped random pipeline (two text encoders, 70 cross-attention layers, built as
+diffusers' own SDXL tests build theirs) loaded through `load_pipeline`. Without a concept our images equal
+`StableDiffusionXLPipeline`'s bit for bit; with one they equal an independent reference that encodes every
+(t, l) pair on its own through transformers' public API (the placeholder added to a copy of each tokenizer and
+encoder) and feeds each layer's keys and values by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from helpers import WORDS, make_concept
+
+from neti.config import SCHEDULERS, Sampling
+
+TOKEN = "<thing>"
+
+
+@pytest.fixture(scope="module")
+def xl_model_dir(tmp_path_factory):
+    from neti.testing import tiny_xl_model
+
+    return tiny_xl_model(tmp_path_factory.mktemp("tiny-sdxl"), WORDS)
+
+
+@pytest.fixture(scope="module")
+def loaded_xl_pipe(xl_model_dir):
+    from neti.models import load_pipeline
+
+    return load_pipeline(xl_model_dir, device="cpu")
+
+
+@pytest.fixture()
+def xl_pipe(loaded_xl_pipe):
+    return copy.deepcopy(loaded_xl_pipe)
+
+
+@pytest.fixture()
+def xl_generator(xl_pipe, xl_model_dir):
+    from neti.generate import Generator
+
+    return Generator(xl_pipe, str(xl_model_dir))
+
+
+def diffusers_xl(model_dir, prompt, scheduler, steps, guidance, seed=0):
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(model_dir)
+    ref.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return ref(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+               generator=[torch.Generator().manual_seed(seed)]).images[0]
+
+
+# ---- loading and layers ----------------------------------------------------------------------------------------
+
+def test_load_pipeline_reads_an_sdxl_folder_as_stable_diffusion_xl(loaded_xl_pipe):
+    assert type(loaded_xl_pipe).__name__ == "StableDiffusionXLPipeline"
+    assert loaded_xl_pipe.text_encoder.config.hidden_size == 16 and loaded_xl_pipe.text_encoder_2.config.hidden_size == 32
+
+
+def test_sdxl_has_70_cross_attention_layers_named_by_ldm_block_and_stack_position(loaded_xl_pipe):
+    from neti.layers import cross_attention_layers
+
+    layers = cross_attention_layers(loaded_xl_pipe.unet)
+    names = [x.name for x in layers]
+    assert len(layers) == 70 and len(set(names)) == 70
+    assert names[:5] == ["IN04.0", "IN04.1", "IN05.0", "IN05.1", "IN07.0"]
+    assert names[24] == "MID.0" and names[33] == "MID.9" and names[34] == "OUT00.0" and names[-1] == "OUT05.1"
+    called = []
+    modules = dict(loaded_xl_pipe.unet.named_modules())
+    hooks = [modules[x.path].register_forward_pre_hook(lambda m, a, n=x.name: called.append(n)) for x in layers]
+    unet = loaded_xl_pipe.unet
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, 48),
+             added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)})
+    for h in hooks:
+        h.remove()
+    assert called == names  # forward order
+
+
+def test_a_concept_for_sdxl_covers_both_widths_70_layers_and_the_pooled_layer(xl_pipe):
+    concept = make_concept(xl_pipe, TOKEN)
+    cfg = concept.config
+    assert (cfg.token_dim, cfg.token_widths, cfg.num_layers, cfg.pooled_layer) == (48, (16, 32), 70, True)
+    assert concept.mapper.input_layer.out_features == 10 * 71
+    out = concept(torch.tensor([500.0]), torch.tensor([3.0]))
+    assert out.base.shape == (1, 48) and out.bypass.shape == (1, 48)
+    for part, norm, start, width in zip((0, 1), cfg.target_norms, (0, 16), (16, 32)):
+        share = torch.cat([out.base[0, start:start + width], out.bypass[0, start:start + width]])
+        assert share.norm().item() == pytest.approx(norm, rel=1e-5)  # each encoder's share at its own e_super norm
+
+
+# ---- generation equals diffusers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm", "ddim"])
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_prompt_without_concept_equals_stable_diffusion_xl_pipeline_bit_for_bit(xl_generator, xl_model_dir,
+                                                                                scheduler, guidance):
+    sampling = Sampling(steps=3, guidance=guidance, scheduler=scheduler)
+    ours = xl_generator.generate("a photo of a cat", seeds=[0], sampling=sampling, output_type="np").images[0]
+    assert np.array_equal(ours, diffusers_xl(xl_model_dir, "a photo of a cat", scheduler, 3, guidance))
+
+
+def reference_rows(pipe, concept, prompt, t, layers, alpha):
+    """Per (t, l) on its own, through transformers' public API: the placeholder added to copies of both tokenizers
+    and encoders with its embedding row set to that encoder's share of v_base(t, l); the penultimate hidden state,
+    plus alpha * v_pass / |v_pass| * |h| at the placeholder. Returns keys, values (L, S, 48) and pooled (P,)."""
+    widths, keys, values = (16, 32), [], []
+    out = concept(torch.full((len(layers) + 1,), float(t)), torch.arange(len(layers) + 1).float())
+    pairs = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+    pooled = None
+    for i, (tokenizer, encoder) in enumerate(pairs):
+        tok, enc = copy.deepcopy(tokenizer), copy.deepcopy(encoder)
+        tok.add_tokens([TOKEN])
+        enc.resize_token_embeddings(len(tok))
+        new_id = tok.convert_tokens_to_ids(TOKEN)
+        ids = tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        where = int((ids[0] == new_id).nonzero())
+        start = sum(widths[:i])
+        k_rows, v_rows = [], []
+        for l in range(len(layers) + 1):
+            enc.get_input_embeddings().weight.data[new_id] = out.base[l, start:start + widths[i]]
+            result = enc(ids, output_hidden_states=True)
+            if l == len(layers):  # the virtual pooled layer
+                if i == 1:
+                    pooled = result.text_embeds[0]
+                continue
+            h = result.hidden_states[-2][0]
+            v = h.clone()
+            v_pass = out.bypass[l, start:start + widths[i]]
+            v[where] = h[where] + alpha * v_pass / v_pass.norm() * h[where].norm()
+            k_rows.append(h), v_rows.append(v)
+        keys.append(torch.stack(k_rows)), values.append(torch.stack(v_rows))
+    return torch.cat(keys, -1), torch.cat(values, -1), pooled
+
+
+@torch.no_grad()
+def test_batched_encodings_equal_a_per_pair_reference_through_transformers(xl_pipe, xl_generator):
+    concept = make_concept(xl_pipe, TOKEN)
+    grid = xl_generator.encode(f"a photo of a {TOKEN}", [concept], [999.0, 500.0], None, 0.2)
+    for step, t in enumerate((999.0, 500.0)):
+        keys, values, pooled = reference_rows(xl_pipe, concept, f"a photo of a {TOKEN}", t,
+                                              xl_generator.layers, 0.2)
+        enc = grid.step(step)
+        torch.testing.assert_close(enc.keys, keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(enc.values, values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grid.pooled_step(step), pooled, atol=1e-5, rtol=0)
+    assert not torch.equal(grid.step(0).keys[0], grid.step(0).keys[40])  # layers differ
+    assert not torch.equal(grid.pooled_step(0), grid.pooled_step(1))  # the pooled embedding follows t
+
+
+@torch.no_grad()
+def test_images_with_a_concept_equal_a_reference_that_feeds_every_layer_by_hand(xl_pipe, xl_generator, xl_model_dir):
+    import diffusers
+
+    concept = make_concept(xl_pipe, TOKEN)
+    prompt, sampling = f"a photo of a {TOKEN}", Sampling(steps=2, guidance=7.5, scheduler="euler")
+    ours = xl_generator.generate(prompt, [concept], seeds=[0], sampling=sampling, output_type="np").images[0]
+
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(xl_model_dir)
+    ref.set_progress_bar_config(disable=True)
+    timesteps = xl_generator.timesteps(sampling)
+    rows = [reference_rows(xl_pipe, concept, prompt, t, xl_generator.layers, 0.2) for t in timesteps]
+    state = {"step": 0}
+    modules = dict(ref.unet.named_modules())
+    hooks = []
+    for layer in xl_generator.layers:  # to_k reads layer l's keys, to_v its values; the negative half stays zero
+        attn = modules[layer.path]
+        for proj, part in ((attn.to_k, 0), (attn.to_v, 1)):
+            def feed(module, args, l=layer.index, part=part):
+                cond = rows[state["step"]][part][l][None]
+                return (torch.cat([torch.zeros_like(cond), cond]),)
+            hooks.append(proj.register_forward_pre_hook(feed))
+
+    def next_step(pipeline, i, t, kwargs):
+        state["step"] = min(i + 1, len(timesteps) - 1)
+        return {"add_text_embeds": torch.stack([torch.zeros_like(rows[0][2]), rows[state["step"]][2]])}
+
+    expected = ref(prompt_embeds=torch.zeros(1, 77, 48), pooled_prompt_embeds=rows[0][2][None], num_inference_steps=2,
+                   guidance_scale=7.5, output_type="np", generator=[torch.Generator().manual_seed(0)],
+                   callback_on_step_end=next_step, callback_on_step_end_tensor_inputs=["add_text_embeds"]).images[0]
+    assert np.abs(ours - expected).max() < 1e-5
+    plain = xl_generator.generate("a photo of a cat", seeds=[0], sampling=sampling, output_type="np").images[0]
+    assert np.abs(ours - plain).max() > 1e-3  # the concept is visible
