@@ -416,9 +416,14 @@ def default_inference_timesteps(num_steps: int = 50, num_train_timesteps: int = 
     return grid.tolist()
 
 
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # A1111's / kohya's SDXL embedding layout, one tensor per encoder
+
+
 def export_textual_inversion(concept: Concept, path: str | os.PathLike, timesteps: Sequence[float] | None = None,
                              truncation: int | None = None) -> Path:
-    """Write `{token: v}` (safetensors) with v the mean of v_base over inference timesteps and all layers.
+    """Write a plain textual-inversion embedding (safetensors): v is the mean of v_base over inference timesteps and
+    all layers. SD 1.x/2.x: `{token: v}`. SDXL: `{"clip_l": (1, 768), "clip_g": (1, 1280)}`, each encoder's share of
+    v, the layout A1111 and kohya_ss write and diffusers' `load_textual_inversion` reads per encoder.
 
     Tools that know only the P space (diffusers' `load_textual_inversion`, A1111) load it as a plain embedding.
     """
@@ -429,5 +434,10 @@ def export_textual_inversion(concept: Concept, path: str | os.PathLike, timestep
     with torch.no_grad():
         mean = concept(grid_t.reshape(-1), grid_l.reshape(-1), truncation).base.mean(dim=0)
     concept.train(was_training)
-    tensors = {concept.token: mean.float().contiguous()}
+    widths = concept.config.widths
+    if len(widths) == 2:
+        shares = mean.float().split(widths)
+        tensors = {key: share[None].contiguous() for key, share in zip(SDXL_EMBEDDING_KEYS, shares)}
+    else:
+        tensors = {concept.token: mean.float().contiguous()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp))

@@ -185,3 +185,62 @@ def test_images_with_a_concept_equal_a_reference_that_feeds_every_layer_by_hand(
     assert np.abs(ours - expected).max() < 1e-5
     plain = xl_generator.generate("a photo of a cat", seeds=[0], sampling=sampling, output_type="np").images[0]
     assert np.abs(ours - plain).max() > 1e-3  # the concept is visible
+
+
+# ---- concept files ---------------------------------------------------------------------------------------------
+
+def test_an_sdxl_concept_file_records_both_widths_and_70_layers_and_round_trips(xl_pipe, tmp_path):
+    from neti.concept import Concept, file_info
+
+    concept = make_concept(xl_pipe, TOKEN)
+    path = concept.save(tmp_path / "thing.safetensors")
+    info = file_info(path)
+    assert (info["token_dim"], info["token_widths"], info["num_layers"]) == ("48", "[16, 32]", "70")
+    assert len(eval(info["layer_names"])) == 70
+    loaded = Concept.load(path)
+    assert loaded.config == concept.config
+    t, l = torch.tensor([999.0, 10.0, 10.0]), torch.tensor([0.0, 69.0, 70.0])
+    with torch.no_grad():
+        assert torch.equal(loaded(t, l).base, concept(t, l).base)
+        assert torch.equal(loaded(t, l).bypass, concept(t, l).bypass)
+
+
+def test_an_sd1_concept_is_refused_on_sdxl_and_an_sdxl_concept_on_sd1_naming_the_model(xl_pipe, xl_generator,
+                                                                                       tiny_pipe):
+    from neti.generate import Generator
+
+    sd1_concept = make_concept(tiny_pipe, TOKEN)
+    sd1_concept.base_model = "tiny-sd15"
+    with pytest.raises(ValueError, match=r"token width 32 and 16 cross-attention layers \(tiny-sd15\).*width 16 \+ 32 "
+                                         r"and 70 layers"):
+        xl_generator.generate(f"a photo of a {TOKEN}", [sd1_concept], sampling=Sampling(steps=1))
+    xl_concept = make_concept(xl_pipe, TOKEN)
+    xl_concept.base_model = "tiny-sdxl"
+    with pytest.raises(ValueError, match=r"token width 16 \+ 32 and 70 cross-attention layers \(tiny-sdxl\).*width 32 "
+                                         r"and 16 layers"):
+        Generator(tiny_pipe, "tiny").generate(f"a photo of a {TOKEN}", [xl_concept], sampling=Sampling(steps=1))
+
+
+def test_export_writes_clip_l_and_clip_g_that_diffusers_loads_into_both_encoders(xl_pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from neti.concept import default_inference_timesteps, export_textual_inversion
+
+    concept = make_concept(xl_pipe, TOKEN)
+    path = export_textual_inversion(concept, tmp_path / "thing-sdxl.safetensors")
+    state = load_file(str(path))
+    assert sorted(state) == ["clip_g", "clip_l"] and state["clip_l"].shape == (1, 16) and state["clip_g"].shape == (1, 32)
+    ts = torch.tensor(default_inference_timesteps()).repeat_interleave(70)
+    with torch.no_grad():
+        mean = concept(ts, torch.arange(70).float().repeat(50)).base.mean(0)
+    torch.testing.assert_close(torch.cat([state["clip_l"][0], state["clip_g"][0]]), mean)
+    pipe = copy.deepcopy(xl_pipe)
+    pipe.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    for tokenizer, encoder, key in ((pipe.tokenizer, pipe.text_encoder, "clip_l"),
+                                    (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        assert torch.equal(row, state[key][0])
+    image = pipe(f"a photo of a {TOKEN}", num_inference_steps=1, output_type="np").images[0]
+    assert np.isfinite(image).all()
