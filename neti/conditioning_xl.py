@@ -241,6 +241,28 @@ class XLTextConditioner:
         self._cache.clear()
 
 
+def conditioner_for(pipe, **kwargs) -> "TextConditioner | XLTextConditioner":
+    """The text conditioner of a loaded pipeline: `XLTextConditioner` on SDXL, else `TextConditioner`."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return XLTextConditioner((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
+                                 **kwargs)
+    return TextConditioner(pipe.tokenizer, pipe.text_encoder, **kwargs)
+
+
+def added_conditions(conditioner, prompts: Sequence, timesteps: torch.Tensor, num_layers: int,
+                     concepts: Mapping[str, nn.Module], resolution: int) -> dict | None:
+    """SDXL's `added_cond_kwargs` for a training batch: each sample's pooled embedding at its own timestep (the
+    virtual layer L) and the size/crop conditioning of a square `resolution` image, uncropped, as the pipeline
+    passes at that size; None on SD 1.x/2.x."""
+    if not isinstance(conditioner, XLTextConditioner):
+        return None
+    tokenized = [conditioner.tokenize(p, list(concepts)) for p in prompts]
+    pooled = conditioner.pooled_rows(tokenized, torch.arange(len(prompts)), timesteps.float().cpu(), num_layers,
+                                     concepts)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=pooled.dtype)
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).expand(len(prompts), -1)}
+
+
 def _end_of_text(prompt: TokenizedPrompt, eos_id: int) -> int:
     """The position of the end-of-text token `tokenize` appended: the first `eos_id` that is not a placeholder slot
     (a slot holds the pad id, which CLIP's tokenizers may share with the end-of-text id). transformers' CLIP pools

@@ -26,8 +26,8 @@ from PIL import Image
 
 from .attention import ensure_processors, pack
 from .concept import Concept
-from .conditioning import GridEncoding, TextConditioner, format_prompt
-from .conditioning_xl import XLTextConditioner
+from .conditioning import GridEncoding, format_prompt
+from .conditioning_xl import conditioner_for
 from .generate_xl import render_xl
 from .config import DEFAULT_BYPASS_ALPHA, SCHEDULERS, Sampling  # noqa: F401 (re-exported)
 from .images import file_name, labelled_grid, make_grid, save_png
@@ -131,13 +131,7 @@ class Generator:
         self.model_name = model_label(model_name)
         self.layers = cross_attention_layers(pipe.unet)
         self.is_xl = is_xl(pipe)
-        if self.is_xl:
-            self.conditioner = XLTextConditioner((pipe.tokenizer, pipe.tokenizer_2),
-                                                 (pipe.text_encoder, pipe.text_encoder_2), cache_bytes=cache_bytes,
-                                                 offload_cache=offload_cache)
-        else:
-            self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder, cache_bytes=cache_bytes,
-                                               offload_cache=offload_cache)
+        self.conditioner = conditioner_for(pipe, cache_bytes=cache_bytes, offload_cache=offload_cache)
         ensure_processors(pipe.unet, self.layers, self.conditioner.max_length)
         self.token_widths = token_widths(pipe)
         self.token_dim = sum(self.token_widths)
