@@ -39,7 +39,7 @@ from .xy import Axis, points
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")
+DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")  # SD 1.x: 3 layers; SDXL: these blocks' 30 (docs/sdxl.md)
 DEFAULT_DECOMPOSITION_TIMESTEPS = (999, 800, 600, 400, 200, 0)
 MIX_STRIP_STARTS = (600, 700, 800, 900)
 DEFAULT_MIX_START = 700  # the appearance concept feeds all but the geometry layers from this timestep on

@@ -73,13 +73,21 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
     return [CrossAttentionLayer(i, n, p) for i, (n, p) in enumerate(zip(names, paths))]
 
 
+def layer_groups(layers: list[CrossAttentionLayer]) -> list[str]:
+    """The names a user picks layers by: the layer names, or on SDXL the blocks (`IN07` for `IN07.0` ... `IN07.9`),
+    in forward order."""
+    return list(dict.fromkeys(layer.name.split(".")[0] for layer in layers))
+
+
 def resolve_layer_names(layers: list[CrossAttentionLayer], names: list[str]) -> list[int]:
-    """Indices of the layers called `names` (case-insensitive); a clear error for an unknown name."""
+    """Indices of the layers called `names` (case-insensitive); a block name (`IN07`, `MID`) selects every layer of
+    its stack on SDXL (`IN07.0` ... `IN07.9`); a clear error for an unknown name."""
     by_name = {layer.name.upper(): layer.index for layer in layers}
     indices = []
     for name in names:
         key = str(name).strip().upper()
-        if key not in by_name:
+        stack = [index for full, index in by_name.items() if full.split(".")[0] == key and "." in full]
+        if key not in by_name and not stack:
             raise ValueError(f"unknown layer name {name!r}; this model's layers are: {', '.join(by_name)}")
-        indices.append(by_name[key])
+        indices.extend([by_name[key]] if key in by_name else stack)
     return indices

@@ -179,7 +179,8 @@ class Studio:
     def model_description(self) -> str:
         pipe = self.pipe
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        return (f"{model_label(self.model_name)} ({size}x{size} px, token width {pipe.text_encoder.config.hidden_size}, "
+        width = " + ".join(map(str, self.generator.token_widths))  # SDXL: 768 + 1280
+        return (f"{model_label(self.model_name)} ({size}x{size} px, token width {width}, "
                 f"{self.generator.num_layers} cross-attention layers, {pipe.device})")
 
     @property

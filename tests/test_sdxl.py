@@ -305,3 +305,68 @@ def test_sdxl_training_resumes_exactly(xl_pipe, images, tmp_path):
     assert resumed.steps_done == 4
     for (name, a), (_, b) in zip(straight.mapper.state_dict().items(), resumed.concept.mapper.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+
+
+# ---- controls: truncation, bypass strength, sweep, decomposition, style mixing --------------------------------
+
+TWO_STEPS = Sampling(steps=2, scheduler="euler")
+
+
+def np_images(result):
+    return [np.asarray(image, dtype=np.int16) for image in result.images]
+
+
+def test_truncation_bypass_strength_and_the_sweep_change_the_sdxl_image_as_on_sd1(xl_pipe, xl_generator):
+    concept = make_concept(xl_pipe, TOKEN)
+    prompt = f"a photo of a {TOKEN}"
+    full = np_images(xl_generator.generate(prompt, [concept], [0], TWO_STEPS))[0]
+    assert np.array_equal(np_images(xl_generator.generate(prompt, [concept], [0], TWO_STEPS, truncation=128))[0], full)
+    no_bypass = np_images(xl_generator.generate(prompt, [concept], [0], TWO_STEPS, alpha=0.0))[0]
+    assert np.abs(no_bypass - full).max() > 0
+    with torch.no_grad():  # alpha 0: the values are the keys
+        grid = xl_generator.encode(prompt, [concept], [999.0], None, 0.0)
+        assert torch.equal(grid.step(0).keys, grid.step(0).values)
+    sweep = xl_generator.sweep(prompt, [concept], [0], [4, None], TWO_STEPS)
+    coarse, same = np_images(sweep)
+    assert np.abs(same - full).max() <= 1 and np.abs(coarse - full).max() > 0
+
+
+def test_decomposition_of_a_time_independent_concept_equals_plain_generation_on_sdxl(xl_pipe, xl_generator):
+    xti = make_concept(xl_pipe, TOKEN, method="xti")
+    out = xl_generator.decompose("a photo of {}", [xti], seed=0, fixed_timesteps=(300,), sampling=TWO_STEPS)
+    plain = xl_generator.generate("a photo of {}", [xti], seeds=[0], sampling=TWO_STEPS)
+    assert np.abs(np_images(out)[0] - np_images(plain)[0]).max() <= 1
+
+
+def test_style_mixing_on_sdxl_uses_the_coarsest_blocks_as_geometry_and_switches_at_the_start(xl_pipe, xl_generator):
+    from neti.layers import layer_groups, resolve_layer_names
+
+    layers = xl_generator.layers
+    geometry_idx = resolve_layer_names(layers, ["IN07", "IN08", "MID"])  # the default, by block on SDXL
+    assert [layers[i].name for i in geometry_idx] == [f"{b}.{k}" for b in ("IN07", "IN08", "MID") for k in range(10)]
+    assert layer_groups(layers) == ["IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03",
+                                    "OUT04", "OUT05"]
+    geometry = make_concept(xl_pipe, "<geo>", seed=1)
+    appearance = make_concept(xl_pipe, "<app>", "dog", seed=2)
+    edge = xl_generator.mix("a photo of {}", geometry, appearance, seeds=[0], starts=[0, 1000], geometry_layers=[],
+                            sampling=TWO_STEPS)  # start 0: the geometry concept everywhere (pooled too), 1000: never
+    only_geo = np_images(xl_generator.generate("a photo of {}", [geometry], seeds=[0], sampling=TWO_STEPS))[0]
+    only_app = np_images(xl_generator.generate("a photo of {}", [appearance], seeds=[0], sampling=TWO_STEPS))[0]
+    first, second = np_images(edge)
+    assert np.abs(first - only_geo).max() <= 1 and np.abs(second - only_app).max() <= 1
+    mixed = np_images(xl_generator.mix("a photo of {}", geometry, appearance, seeds=[0], starts=[500],
+                                       sampling=TWO_STEPS))[0]
+    assert np.abs(mixed - only_geo).max() > 0 and np.abs(mixed - only_app).max() > 0
+
+
+@pytest.mark.parametrize("ablation", ["no_positional_encoding", "no_nested_dropout", "no_bypass", "no_rescaling",
+                                      "time_only", "space_only"])
+def test_every_ablation_builds_and_encodes_on_sdxl(xl_pipe, xl_generator, ablation):
+    from neti.concept import Concept
+    from neti.train import TrainConfig
+
+    concept = Concept.for_pipeline(xl_pipe, TOKEN, "cat", TrainConfig(ablations=(ablation,)).mapper_config())
+    with torch.no_grad():
+        grid = xl_generator.encode(f"a photo of a {TOKEN}", [concept], [999.0, 10.0], None, 0.2)
+    assert grid.keys.shape == (2, 70, 77, 48) and grid.pooled.shape[-1] == 32
+    assert torch.isfinite(grid.keys).all() and torch.isfinite(grid.pooled).all()
