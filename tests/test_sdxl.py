@@ -370,3 +370,14 @@ def test_every_ablation_builds_and_encodes_on_sdxl(xl_pipe, xl_generator, ablati
         grid = xl_generator.encode(f"a photo of a {TOKEN}", [concept], [999.0, 10.0], None, 0.2)
     assert grid.keys.shape == (2, 70, 77, 48) and grid.pooled.shape[-1] == 32
     assert torch.isfinite(grid.keys).all() and torch.isfinite(grid.pooled).all()
+
+
+def test_the_studio_switches_to_sdxl_and_flags_sd1_concepts_as_made_for_another_model(xl_model_dir, tmp_path):
+    from neti.studio import Studio
+
+    studio = Studio(None, concepts_dir=tmp_path / "concepts", device="cpu", output_dir=tmp_path / "out")
+    shipped = studio.concept_statuses()
+    assert shipped and all(s.problem == "" for s in shipped)
+    studio.load_model(str(xl_model_dir))
+    assert "token width 16 + 32, 70 cross-attention layers" in studio.model_description()
+    assert all(s.problem == "made for another base model" for s in studio.concept_statuses())
