@@ -18,14 +18,14 @@ from neti.config import SCHEDULERS, Sampling
 TOKEN = "<thing>"
 
 
-def diffusers_xl(model_dir, prompt, scheduler, steps, guidance, seed=0):
+def diffusers_xl(model_dir, prompt, scheduler, steps, guidance, seed=0, negative_prompt=None):
     import diffusers
 
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(model_dir)
     ref.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     return ref(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-               generator=[torch.Generator().manual_seed(seed)]).images[0]
+               negative_prompt=negative_prompt, generator=[torch.Generator().manual_seed(seed)]).images[0]
 
 
 # ---- loading and layers ----------------------------------------------------------------------------------------
@@ -76,6 +76,28 @@ def test_prompt_without_concept_equals_stable_diffusion_xl_pipeline_bit_for_bit(
     sampling = Sampling(steps=3, guidance=guidance, scheduler=scheduler)
     ours = xl_generator.generate("a photo of a cat", seeds=[0], sampling=sampling, output_type="np").images[0]
     assert np.array_equal(ours, diffusers_xl(xl_model_dir, "a photo of a cat", scheduler, 3, guidance))
+
+
+def test_a_written_negative_prompt_equals_the_pipelines_on_both_encoders(xl_generator, xl_model_dir):
+    sampling = Sampling(steps=2, guidance=7.5, scheduler="euler", negative_prompt="a red dog")
+    ours = xl_generator.generate("a photo of a cat", seeds=[0], sampling=sampling, output_type="np").images[0]
+    expected = diffusers_xl(xl_model_dir, "a photo of a cat", "euler", 2, 7.5, negative_prompt="a red dog")
+    assert np.array_equal(ours, expected)
+    assert not np.array_equal(ours, diffusers_xl(xl_model_dir, "a photo of a cat", "euler", 2, 7.5))
+
+
+def test_encoders_whose_placeholders_sit_at_different_positions_keep_exact_values():
+    from neti.conditioning import Encoding
+    from neti.conditioning_xl import _join
+
+    keys = [torch.randn(3, 6, 2), torch.randn(3, 6, 4)]
+    a = Encoding(keys[0], torch.randn(3, 1, 2), torch.tensor([[2], [2], [3]]))
+    b = Encoding(keys[1], torch.randn(3, 1, 4), torch.tensor([[2], [4], [3]]))
+    joined = _join([a, b])
+    assert torch.equal(joined.keys, torch.cat(keys, -1))
+    assert torch.equal(joined.values, torch.cat([a.values, b.values], -1))
+    same = _join([a, Encoding(keys[1], torch.randn(3, 1, 4), a.positions)])
+    assert same.bypassed.shape == (3, 1, 6)  # shared positions stay compact
 
 
 def reference_rows(pipe, concept, prompt, t, layers, alpha):
