@@ -67,6 +67,21 @@ def test_a_concept_for_sdxl_covers_both_widths_70_layers_and_the_pooled_layer(xl
         assert share.norm().item() == pytest.approx(norm, rel=1e-5)  # each encoder's share at its own e_super norm
 
 
+def test_a_full_size_sdxl_concept_has_2_091_206_parameters_most_in_the_anchor_projection():
+    from dataclasses import replace
+
+    from neti.config import MapperConfig
+    from neti.mapper import NetiMapper, count_parameters
+
+    with torch.device("meta"):  # sizes only, nothing allocated
+        config = MapperConfig(token_dim=2048, token_widths=(768, 1280), num_layers=70, pooled_layer=True,
+                              target_norms=(0.4, 0.5), target_norm=0.64)
+        mapper = NetiMapper(config)
+        assert count_parameters(mapper) == 2_091_206
+        assert count_parameters(mapper.input_layer) == 2048 * 710 + 710  # 10 time anchors x (70 + 1) positions
+        assert count_parameters(NetiMapper(replace(config, use_bypass=False))) == 2_091_206 - 128 * 2048 - 2048
+
+
 # ---- generation equals diffusers -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpm", "ddim"])
