@@ -70,3 +70,28 @@ def test_sdxl_training_resumes_exactly(xl_pipe, images, tmp_path):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
     assert not torch.equal(straight.mapper.state_dict()["output_layer.weight"],
                            first.concept.mapper.state_dict()["output_layer.weight"])  # 1 step differs from 2
+
+
+def test_the_cli_trains_mixes_and_exports_on_an_sdxl_model(xl_model_dir, images, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from neti.__main__ import main
+    from neti.concept import Concept
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image.save(folder / f"{i}.png")
+    out = tmp_path / "thing.safetensors"
+    assert main(["train", "--model", str(xl_model_dir), "--device", "cpu", "--images", str(folder), "--token", TOKEN,
+                 "--init-token", "cat", "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--out",
+                 str(out)]) == 0
+    concept = Concept.load(out)
+    assert (concept.config.num_layers, concept.config.token_widths, concept.train_steps) == (70, (16, 32), 1)
+    common = ["--model", str(xl_model_dir), "--device", "cpu", "--prompt", "a photo of a {}", "--steps", "2",
+              "--scheduler", "euler", "--out", str(tmp_path / "images")]
+    assert main(["mix", "--geometry", str(out), "--appearance", str(out), "--starts", "600", *common]) == 0  # IN07..MID
+    assert [Image.open(p).size for p in (tmp_path / "images").glob("mix-0*.png")] == [(32, 32)]
+    assert main(["export", str(out), "--out", str(tmp_path / "ti.safetensors"), "--as", "textual-inversion"]) == 0
+    assert sorted(load_file(tmp_path / "ti.safetensors")) == ["clip_g", "clip_l"]
