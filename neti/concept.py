@@ -178,8 +178,9 @@ class Concept(nn.Module):
 
     def describe(self) -> str:
         """One line for logs and the app: who this concept is and what made it."""
+        width = "+".join(map(str, self.config.widths))  # SDXL: 768+1280
         return (f"{self.token} ({self.method}, super-category '{self.super_category}', {self.train_steps} steps, "
-                f"{self.num_parameters:,} parameters, D={self.config.token_dim}, L={self.config.num_layers})")
+                f"{self.num_parameters:,} parameters, D={width}, L={self.config.num_layers})")
 
     def fits(self, token_dim: int, num_layers: int, token_widths: Sequence[int] | None = None) -> bool:
         """Whether the concept fits a model of this token width (and, given, these encoder widths) and number of
