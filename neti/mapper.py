@@ -5,6 +5,10 @@ in the official code) -> two 128-wide Linear+LayerNorm+LeakyReLU layers -> neste
 D (or 2D with the textual bypass, Sec. 3.3). The whole output is rescaled to the super-category token's norm
 before it is split into (v_base, v_pass), as the official code does (docs/method.md "Output rescaling").
 
+On SDXL (docs/sdxl.md) D = 768 + 1280 (one share per text encoder, each rescaled to its own super-category norm)
+and the mapper is also queried at a virtual layer l = L whose output drives the pooled embedding: its anchors,
+nested-dropout coins and XTI's vectors cover L + 1 positions.
+
 XTI / P+ (Voynov et al.) keeps one vector per layer and Textual Inversion one vector; both share the mapper's
 call signature so that every method trains, saves and generates through the same code.
 """
