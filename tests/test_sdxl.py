@@ -35,6 +35,15 @@ def test_load_pipeline_reads_an_sdxl_folder_as_stable_diffusion_xl(loaded_xl_pip
     assert loaded_xl_pipe.text_encoder.config.hidden_size == 16 and loaded_xl_pipe.text_encoder_2.config.hidden_size == 32
 
 
+def test_other_pipeline_classes_are_refused_by_name(tmp_path):
+    from neti.models import load_pipeline
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
+    with pytest.raises(ValueError, match="is a StableDiffusionXLImg2ImgPipeline; NeTI Studio runs "
+                                         "StableDiffusionPipeline and StableDiffusionXLPipeline"):
+        load_pipeline(tmp_path, device="cpu")
+
+
 def test_sdxl_has_70_cross_attention_layers_named_by_ldm_block_and_stack_position(loaded_xl_pipe):
     from neti.layers import cross_attention_layers
 
