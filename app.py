@@ -20,7 +20,7 @@ from PIL import Image
 from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, DEFAULT_GEOMETRY_LAYERS, DEFAULT_MIX_START, \
     MIX_LAYER_LEGEND, MIX_STRIP_STARTS, SCHEDULERS, Sampling, describe_mix_start
 from neti.images import a1111_parameters
-from neti.layers import SD_LAYER_NAMES
+from neti.layers import SD_LAYER_NAMES, layer_groups
 from neti.paths import DEFAULT_CONCEPTS_DIR, EXAMPLES_DIR, SHIPPED_CONCEPTS_DIR
 from neti.progress import format_seconds
 from neti.prompting import insert_token, token_counter_text
@@ -162,7 +162,7 @@ def model_status() -> str:
 
 
 def layer_choices():
-    names = studio().generator.layer_names
+    names = layer_groups(studio().generator.layers)  # SDXL: its blocks (IN07 = IN07.0 ... IN07.9)
     return gr.CheckboxGroup(choices=names, value=[n for n in DEFAULT_GEOMETRY_LAYERS if n in names])
 
 

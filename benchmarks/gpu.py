@@ -5,6 +5,7 @@ the published configs and CLIP's real vocabulary size (49,408 token embeddings).
     python -m benchmarks.gpu --shape sd21     # SD 2.1 (768 px, v-prediction, 23-layer 1024-wide text encoder)
     python -m benchmarks.gpu --smoke          # a tiny shape on the CPU, to check the script itself
     python -m benchmarks.gpu --smoke --shape sd21
+    python -m benchmarks.gpu --shape sdxl     # SDXL (1024 px, two text encoders, 70 layers; no per-layer loop)
 
 Measures, for NeTI (all layers' conditioning in one batched text-encoder pass) and for the official per-layer
 conditioning loop (NeTI Sec. 4; `common.per_layer_trainer()` in training, one text-encoder call per
@@ -48,6 +49,8 @@ def build_model(name: str, device: torch.device, smoke: bool):
     from dataclasses import replace
 
     from neti.testing.sd_layout import CLIP_VOCAB_SIZE, SD15, SD21, SDShape, build_pipeline
+    if name == "sdxl":
+        return _build_xl(device, smoke)
     if smoke:
         shape = SDShape(max_tokens=16, vocab_size=1000)
         if name == "sd21":
@@ -58,6 +61,19 @@ def build_model(name: str, device: torch.device, smoke: bool):
     tokenizer, vocabulary_name = benchmark_tokenizer(shape.max_tokens, real=not smoke)
     with torch.device(device):
         pipe = build_pipeline(shape, tokenizer, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), shape, vocabulary_name
+
+
+def _build_xl(device: torch.device, smoke: bool):
+    """SDXL base's architecture with random weights (tiny with --smoke); both tokenizers are CLIP's BPE (SDXL's
+    differ only in the pad token) or the toy vocabulary, as `benchmark_tokenizer` finds."""
+    from neti.testing.sdxl_layout import SDXL, SDXLShape, build_xl_pipeline
+
+    shape = SDXLShape() if smoke else SDXL
+    tokenizer, vocabulary_name = benchmark_tokenizer(shape.max_tokens, real=not smoke)
+    with torch.device(device):
+        pipe = build_xl_pipeline(shape, tokenizer, seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), shape, vocabulary_name
 
@@ -112,7 +128,7 @@ def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: fl
     for precision in ("fp32", half_name):
         pipe.to(torch.float32 if precision == "fp32" else half)
         for checkpointing in (False, True):
-            for variant in ("NeTI", "NeTI per-layer"):
+            for variant in ("NeTI",) if args.shape == "sdxl" else ("NeTI", "NeTI per-layer"):
                 if time.perf_counter() > deadline:
                     print(f"budget spent: skipping training {variant} {precision} checkpointing={checkpointing}")
                     continue
@@ -145,7 +161,9 @@ def bench_training(pipe, args, results: Results, half: torch.dtype, deadline: fl
                 finally:
                     if checkpointing:
                         pipe.unet.disable_gradient_checkpointing()
-                        text_encoder_checkpointing(pipe.text_encoder, False)
+                        for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+                            if encoder is not None:
+                                text_encoder_checkpointing(encoder, False)
                     del trainer
                 results.add("training", row)
     pipe.to(torch.float32)
@@ -164,7 +182,7 @@ def each_precision(pipe, half: torch.dtype, deadline: float, what: str):
 
 def bench_generation(pipe, original: dict, args, results: Results, half: torch.dtype, deadline: float) -> None:
     """`original`: diffusers' own attention processors of the UNet, for the plain pipeline."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from neti.generate import Generator, Row, Sampling
 
@@ -175,9 +193,11 @@ def bench_generation(pipe, original: dict, args, results: Results, half: torch.d
         gen = Generator(pipe, f"random {args.shape} shape")
         neti_processors = dict(pipe.unet.attn_processors)
         concept = make_concept(pipe, "neti").to(device)
-        plain = StableDiffusionPipeline(**{**pipe.components,
-                                           "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)},
-                                        requires_safety_checker=False)
+        scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        if args.shape == "sdxl":
+            plain = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": scheduler})
+        else:
+            plain = StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False)
         plain.set_progress_bar_config(disable=True)
 
         def neti():
@@ -201,11 +221,13 @@ def bench_generation(pipe, original: dict, args, results: Results, half: torch.d
         row = dict(precision=precision, steps=sampling.steps, guidance=sampling.guidance,
                    resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor, images=1)
         try:
-            times = side_by_side({"neti": neti, "per_layer": per_layer, "plain": base}, args.gen_repeats,
-                                 warmup=0 if args.smoke else 1, device=device)
+            contenders = {"neti": neti, "plain": base} if args.shape == "sdxl" else \
+                {"neti": neti, "per_layer": per_layer, "plain": base}  # the official loop is SD 1.x-only
+            times = side_by_side(contenders, args.gen_repeats, warmup=0 if args.smoke else 1, device=device)
             med = {k: median(v) for k, v in times.items()}
             row.update(seconds={k: round(v, 4) for k, v in med.items()}, raw=times,
-                       neti_over_plain=med["neti"] / med["plain"], per_layer_over_neti=med["per_layer"] / med["neti"])
+                       neti_over_plain=med["neti"] / med["plain"],
+                       per_layer_over_neti=med.get("per_layer", float("nan")) / med["neti"])
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -216,7 +238,7 @@ def bench_generation(pipe, original: dict, args, results: Results, half: torch.d
 def bench_conditioning(pipe, args, results: Results, half: torch.dtype, deadline: float) -> None:
     """The 50 x 16 conditioning grid: chunked by the memory budget (now) against one call (the old default on
     accelerators), a decomposition's 6 fixed timesteps, and the bytes one cached encoding keeps."""
-    from neti.conditioning import TextConditioner
+    from neti.conditioning_xl import conditioner_for
     from neti.generate import DEFAULT_DECOMPOSITION_TIMESTEPS, Generator, Sampling, inference
 
     device = pipe.device
@@ -226,9 +248,10 @@ def bench_conditioning(pipe, args, results: Results, half: torch.dtype, deadline
         tokenized, by_token, _ = gen.prepare(PROMPT, [concept])
         timesteps = gen.timesteps(Sampling(steps=args.gen_steps))
         for label, chunk_rows in (("memory budget", None), ("one call", len(timesteps) * gen.num_layers)):
-            conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder, chunk_rows=chunk_rows, cache_bytes=0)
+            conditioner = conditioner_for(pipe, chunk_rows=chunk_rows, cache_bytes=0)
+            widest = conditioner.parts[-1] if hasattr(conditioner, "parts") else conditioner  # SDXL: bigG's chunks
             row = dict(precision=precision, chunking=label, rows=len(timesteps) * gen.num_layers,
-                       rows_per_call=conditioner.rows_per_call(len(tokenized.ids), device, pipe.text_encoder.dtype))
+                       rows_per_call=widest.rows_per_call(conditioner.max_length, device, pipe.text_encoder.dtype))
             try:
                 with inference(by_token.values()):
                     conditioner.encode_grid(tokenized, by_token, timesteps, gen.num_layers)  # warm-up
@@ -280,7 +303,7 @@ def main(argv=None) -> int:
                    help="seconds after which no new measurement starts (default 420; none with --smoke)")
     p.add_argument("--json", default=None)
     p.add_argument("--only", choices=["training", "generation", "conditioning"], default=None)
-    p.add_argument("--shape", choices=["sd15", "sd21"], default="sd15")
+    p.add_argument("--shape", choices=["sd15", "sd21", "sdxl"], default="sd15")
     args = p.parse_args(argv)
     started = time.perf_counter()
     deadline = started + (args.budget or (float("inf") if args.smoke else 420))

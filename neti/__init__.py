@@ -6,7 +6,8 @@ The public API, re-exported from the modules that implement each idea:
 - `Generator`, `Sampling`: generation with truncation, bypass strength, sweeps, decomposition, style mixing;
 - `Trainer`, `TrainConfig`, `TrainingCallback`: training NeTI, XTI or TI concepts (train.py), with `Previews`
   (previews.py, set by `PreviewConfig`) rendering the concept as it trains;
-- `load_pipeline`: base models by hub id or local folder, the bundled toy model by default (models.py);
+- `load_pipeline`: base models (SD 1.x, 2.x, SDXL) by hub id or local folder, the bundled toy model by default
+  (models.py; SDXL: docs/sdxl.md);
 - `load_images`: training images from a folder or files (data.py).
 """
 

@@ -30,6 +30,7 @@ from .conditioning import TextConditioner, check_placeholder_token, check_token_
 from .config import MapperConfig
 from .layers import cross_attention_layers
 from .mapper import MapperOutput, build_mapper, count_parameters
+from .models import is_xl
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +124,22 @@ class Concept(nn.Module):
     def for_pipeline(cls, pipe, token: str, super_category: str, config: MapperConfig = MapperConfig(),
                      model_name: str = "") -> "Concept":
         """A new, untrained concept for `pipe`: `config` with the model's token width, its cross-attention layers
-        and the super-category token's norm filled in; the baselines' vectors start at that token's embedding."""
-        check_placeholder_token(pipe.tokenizer, token)
-        embedding = TextConditioner(pipe.tokenizer, pipe.text_encoder).embedding_of(
-            super_category_id(pipe.tokenizer, super_category)).float().cpu()
+        and the super-category token's norm filled in; the baselines' vectors start at that token's embedding.
+        On SDXL the width is both encoders' (768 + 1280), each with its own super-category norm, and the mapper
+        gains the virtual pooled layer (conditioning_xl.py)."""
+        pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if is_xl(pipe) else [])
+        embeddings = []
+        for tokenizer, text_encoder in pairs:
+            check_placeholder_token(tokenizer, token)
+            embeddings.append(TextConditioner(tokenizer, text_encoder).embedding_of(
+                super_category_id(tokenizer, super_category)).float().cpu())
+        embedding = torch.cat(embeddings)
         layers = cross_attention_layers(pipe.unet)
-        config = replace(config, token_dim=pipe.text_encoder.config.hidden_size, num_layers=len(layers),
+        config = replace(config, token_dim=embedding.numel(), num_layers=len(layers),
                          target_norm=float(embedding.norm()))
+        if len(pairs) > 1:
+            config = replace(config, token_widths=tuple(e.numel() for e in embeddings),
+                             target_norms=tuple(float(e.norm()) for e in embeddings), pooled_layer=True)
         concept = cls(token, super_category, config, [x.name for x in layers], model_name)
         if config.method != "neti":
             concept.mapper.initialize(embedding)
@@ -159,7 +169,8 @@ class Concept(nn.Module):
         return {
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "method": cfg.method, "token": self.token,
             "super_category": self.super_category, "target_norm": json.dumps(cfg.target_norm),
-            "token_dim": str(cfg.token_dim), "num_layers": str(cfg.num_layers),
+            "token_dim": str(cfg.token_dim), "token_widths": json.dumps(list(cfg.widths)),
+            "num_layers": str(cfg.num_layers),
             "layer_names": json.dumps(list(self.layer_names)), "base_model": self.base_model,
             "train_steps": str(self.train_steps), "num_parameters": str(self.num_parameters),
             "config": cfg.to_json(),
@@ -167,20 +178,26 @@ class Concept(nn.Module):
 
     def describe(self) -> str:
         """One line for logs and the app: who this concept is and what made it."""
+        width = "+".join(map(str, self.config.widths))  # SDXL: 768+1280
         return (f"{self.token} ({self.method}, super-category '{self.super_category}', {self.train_steps} steps, "
-                f"{self.num_parameters:,} parameters, D={self.config.token_dim}, L={self.config.num_layers})")
+                f"{self.num_parameters:,} parameters, D={width}, L={self.config.num_layers})")
 
-    def fits(self, token_dim: int, num_layers: int) -> bool:
-        """Whether the concept fits a model of this token width and number of cross-attention layers."""
-        return (self.config.token_dim, self.config.num_layers) == (token_dim, num_layers)
+    def fits(self, token_dim: int, num_layers: int, token_widths: Sequence[int] | None = None) -> bool:
+        """Whether the concept fits a model of this token width (and, given, these encoder widths) and number of
+        cross-attention layers."""
+        widths = tuple(token_widths) if token_widths else (token_dim,)
+        return (self.config.token_dim, self.config.num_layers, self.config.widths) == (token_dim, num_layers, widths)
 
-    def check_compatible(self, token_dim: int, num_layers: int, model_name: str = "this model") -> None:
+    def check_compatible(self, token_dim: int, num_layers: int, model_name: str = "this model",
+                         token_widths: Sequence[int] | None = None) -> None:
         """Refuse a concept made for another token width or layer count, naming the model it was made for."""
-        if not self.fits(token_dim, num_layers):
+        if not self.fits(token_dim, num_layers, token_widths):
             made_for = f" ({self.base_model})" if self.base_model else ""
+            mine = " + ".join(map(str, self.config.widths))
+            theirs = " + ".join(map(str, token_widths)) if token_widths else str(token_dim)
             raise ValueError(
-                f"concept {self.token} was made for a model with token width {self.config.token_dim} and "
-                f"{self.config.num_layers} cross-attention layers{made_for}, but {model_name} has width {token_dim} "
+                f"concept {self.token} was made for a model with token width {mine} and "
+                f"{self.config.num_layers} cross-attention layers{made_for}, but {model_name} has width {theirs} "
                 f"and {num_layers} layers; load the base model it was trained on"
             )
 
@@ -400,9 +417,14 @@ def default_inference_timesteps(num_steps: int = 50, num_train_timesteps: int = 
     return grid.tolist()
 
 
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # A1111's / kohya's SDXL embedding layout, one tensor per encoder
+
+
 def export_textual_inversion(concept: Concept, path: str | os.PathLike, timesteps: Sequence[float] | None = None,
                              truncation: int | None = None) -> Path:
-    """Write `{token: v}` (safetensors) with v the mean of v_base over inference timesteps and all layers.
+    """Write a plain textual-inversion embedding (safetensors): v is the mean of v_base over inference timesteps and
+    all layers. SD 1.x/2.x: `{token: v}`. SDXL: `{"clip_l": (1, 768), "clip_g": (1, 1280)}`, each encoder's share of
+    v, the layout A1111 and kohya_ss write and diffusers' `load_textual_inversion` reads per encoder.
 
     Tools that know only the P space (diffusers' `load_textual_inversion`, A1111) load it as a plain embedding.
     """
@@ -413,5 +435,10 @@ def export_textual_inversion(concept: Concept, path: str | os.PathLike, timestep
     with torch.no_grad():
         mean = concept(grid_t.reshape(-1), grid_l.reshape(-1), truncation).base.mean(dim=0)
     concept.train(was_training)
-    tensors = {concept.token: mean.float().contiguous()}
+    widths = concept.config.widths
+    if len(widths) == 2:
+        shares = mean.float().split(widths)
+        tensors = {key: share[None].contiguous() for key, share in zip(SDXL_EMBEDDING_KEYS, shares)}
+    else:
+        tensors = {concept.token: mean.float().contiguous()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp))

@@ -240,16 +240,20 @@ def _text_parts(text_encoder: nn.Module) -> nn.Module:
     return getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests the parts, 5.x does not
 
 
-def text_transformer(text_encoder: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+def text_transformer(text_encoder: nn.Module, embeds: torch.Tensor, penultimate: bool = False) -> torch.Tensor:
     """A CLIP text encoder on input embeddings (N, S, D) instead of token ids: the last hidden state before the
     final LayerNorm, exactly what `text_encoder(ids)` computes from the ids' embeddings (causal mask, no padding
-    mask, as in Stable Diffusion)."""
+    mask, as in Stable Diffusion); with `penultimate`, the hidden state before the last encoder layer (SDXL's)."""
     from transformers.masking_utils import create_causal_mask
 
     parts = _text_parts(text_encoder)
     hidden = parts.embeddings(inputs_embeds=embeds)
     mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-    return parts.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+    if not penultimate:
+        return parts.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+    for layer in parts.encoder.layers[:-1]:
+        hidden = layer(hidden, mask, is_causal=True)
+    return hidden
 
 
 class TextConditioner:
@@ -262,7 +266,7 @@ class TextConditioner:
 
     def __init__(self, tokenizer, text_encoder: nn.Module, chunk_rows: int | None = None,
                  cache_bytes: int | None = None, offload_cache: bool = False,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, penultimate: bool = False):
         for name, value in (("chunk_rows", chunk_rows), ("cache_bytes", cache_bytes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
@@ -274,6 +278,9 @@ class TextConditioner:
         self.chunk_bytes = chunk_bytes
         self.cache_bytes = cache_bytes  # None: CACHE_BYTES for the encoder's device; 0: no cache
         self.offload_cache = offload_cache
+        # SDXL (conditioning_xl.py): the encodings are the penultimate hidden states, the last encoder layer skipped
+        # and no final LayerNorm; the bypass is then added to what cross-attention receives.
+        self.penultimate = penultimate
         self._cache: OrderedDict = OrderedDict()  # key -> (GridEncoding, its bytes)
 
     @property
@@ -334,8 +341,14 @@ class TextConditioner:
         ids += [tok.pad_token_id] * (self.max_length - len(ids))
         return TokenizedPrompt(tuple(ids), tuple(slots))
 
-    def _body(self, embeds: torch.Tensor) -> torch.Tensor:
-        return text_transformer(self.text_encoder, embeds)
+    def _body(self, embeds: torch.Tensor, all_layers: bool = False) -> torch.Tensor:
+        """`text_transformer` on input embeddings (N, S, D): the last hidden state before the final LayerNorm, or
+        (`penultimate`, unless `all_layers`) the hidden state before the last encoder layer."""
+        return text_transformer(self.text_encoder, embeds, penultimate=self.penultimate and not all_layers)
+
+    def _output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What cross-attention receives of a body output: the final LayerNorm's, or the penultimate state as is."""
+        return hidden if self.penultimate else _text_parts(self.text_encoder).final_layer_norm(hidden)
 
     def rows_per_call(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> int:
         """Rows per text-encoder call: `chunk_rows`, else `CHUNK_TOKENS` tokens on the CPU, else as many rows as
@@ -384,7 +397,7 @@ class TextConditioner:
                 inside = (slots[0] >= start) & (slots[0] < stop)
                 embeds = embeds.index_put((slots[0][inside] - start, slots[1][inside]), slots[2][inside])
             hidden = self._body(embeds)  # (rows, S, D)
-            chunk_keys = parts.final_layer_norm(hidden)
+            chunk_keys = self._output(hidden)
             if stop - start == n:
                 keys = chunk_keys
             else:
@@ -399,7 +412,7 @@ class TextConditioner:
         rows, pos, vec = bypass
         at = torch.cat(at)  # (M, D)
         shifted = at + alpha * F.normalize(vec.to(at.dtype), dim=-1) * at.norm(dim=-1, keepdim=True)
-        return _placeholder_rows(keys, rows, pos, parts.final_layer_norm(shifted))
+        return _placeholder_rows(keys, rows, pos, self._output(shifted))
 
     def encode_grid(self, prompt: TokenizedPrompt, concepts: Mapping[str, nn.Module], timesteps: Sequence[float],
                     num_layers: int, truncation: int | None = None,

@@ -40,8 +40,11 @@ class MapperConfig:
     """Everything that defines a concept's representation M(t, l)."""
 
     method: str = "neti"  # "neti", "xti" or "ti"
-    token_dim: int = 768  # D: the text encoder's token width (768 SD 1.x, 1024 SD 2.x)
-    num_layers: int = 16  # L: cross-attention layers of the UNet
+    token_dim: int = 768  # D: the text encoder's token width (768 SD 1.x, 1024 SD 2.x, 768 + 1280 SDXL)
+    num_layers: int = 16  # L: cross-attention layers of the UNet (SDXL: 70)
+    token_widths: tuple[int, ...] = ()  # each text encoder's width in order (SDXL: 768, 1280); (): one of token_dim
+    target_norms: tuple[float, ...] = ()  # ||e_super|| in each encoder's embeddings (SDXL); (): target_norm
+    pooled_layer: bool = False  # SDXL: a virtual layer l = L whose v_base drives the pooled embedding
     num_frequencies: int = 1024  # random Fourier features; the encoding has 2x this many values
     sigma_t: float = 0.03  # std of the time frequencies
     sigma_l: float = 2.0  # std of the layer frequencies
@@ -71,6 +74,22 @@ class MapperConfig:
             raise ValueError(f"nested_dropout_prob must be in [0, 1], got {self.nested_dropout_prob}")
         if self.use_rescaling and self.target_norm is not None and not self.target_norm > 0:
             raise ValueError(f"target_norm must be positive, got {self.target_norm}")
+        if self.token_widths and sum(self.token_widths) != self.token_dim:
+            raise ValueError(f"token_widths {self.token_widths} must add up to token_dim {self.token_dim}")
+        if self.target_norms and (len(self.target_norms) != len(self.token_widths)
+                                  or not all(n > 0 for n in self.target_norms)):
+            raise ValueError(f"target_norms {self.target_norms} must give one positive norm per encoder width "
+                             f"{self.token_widths}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each text encoder's share of the D-wide vectors, in order: (D,) for one encoder, (768, 1280) on SDXL."""
+        return tuple(self.token_widths) or (self.token_dim,)
+
+    @property
+    def num_positions(self) -> int:
+        """Layer indices the mapper is queried at: the L layers, and SDXL's virtual pooled layer l = L."""
+        return self.num_layers + int(self.pooled_layer)
 
     @property
     def has_bypass(self) -> bool:
@@ -81,7 +100,11 @@ class MapperConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "MapperConfig":
-        return cls(**_known_fields(cls, json.loads(text)))
+        values = _known_fields(cls, json.loads(text))
+        for key in ("token_widths", "target_norms"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
 
 
 def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:

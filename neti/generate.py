@@ -26,18 +26,20 @@ from PIL import Image
 
 from .attention import ensure_processors, pack
 from .concept import Concept
-from .conditioning import GridEncoding, TextConditioner, format_prompt
+from .conditioning import GridEncoding, format_prompt
+from .conditioning_xl import conditioner_for
+from .generate_xl import render_xl
 from .config import DEFAULT_BYPASS_ALPHA, SCHEDULERS, Sampling  # noqa: F401 (re-exported)
 from .images import file_name, labelled_grid, make_grid, save_png
 from .layers import cross_attention_layers, resolve_layer_names
 from .mapper import check_truncation
-from .models import model_label
+from .models import is_xl, model_label, token_widths
 from .progress import StepCallback
 from .xy import Axis, points
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")
+DEFAULT_GEOMETRY_LAYERS = ("IN07", "IN08", "MID")  # SD 1.x: 3 layers; SDXL: these blocks' 30 (docs/sdxl.md)
 DEFAULT_DECOMPOSITION_TIMESTEPS = (999, 800, 600, 400, 200, 0)
 MIX_STRIP_STARTS = (600, 700, 800, 900)
 DEFAULT_MIX_START = 700  # the appearance concept feeds all but the geometry layers from this timestep on
@@ -111,6 +113,12 @@ class MixedEncoding:
         use = self.use_geometry[i].to(geo.keys.device)[:, None, None]  # (L, 1, 1)
         return _Dense(torch.where(use, geo.keys, app.keys), torch.where(use, geo.values, app.values))
 
+    def pooled_step(self, i: int) -> torch.Tensor:
+        """SDXL's pooled embedding of step i: the virtual pooled layer is not a geometry layer, so it follows the
+        geometry concept before the start timestep (every layer does) and the appearance concept after it."""
+        source = self.geometry if bool(self.use_geometry[i].all()) else self.appearance
+        return source.pooled_step(i)
+
 
 class Generator:
     """Renders prompts with concepts on a loaded `StableDiffusionPipeline`.
@@ -122,10 +130,11 @@ class Generator:
         self.pipe = pipe
         self.model_name = model_label(model_name)
         self.layers = cross_attention_layers(pipe.unet)
-        self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder, cache_bytes=cache_bytes,
-                                           offload_cache=offload_cache)
+        self.is_xl = is_xl(pipe)
+        self.conditioner = conditioner_for(pipe, cache_bytes=cache_bytes, offload_cache=offload_cache)
         ensure_processors(pipe.unet, self.layers, self.conditioner.max_length)
-        self.token_dim = pipe.text_encoder.config.hidden_size
+        self.token_widths = token_widths(pipe)
+        self.token_dim = sum(self.token_widths)
 
     @property
     def num_layers(self) -> int:
@@ -154,7 +163,8 @@ class Generator:
         if len(set(tokens)) != len(tokens):
             raise ValueError(f"two selected concepts share a token ({tokens}); rename one of them")
         for c in concepts:
-            c.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model")
+            c.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model",
+                               self.token_widths)
         text = format_prompt(prompt, tokens)
         return self.conditioner.tokenize(text, tokens), {c.token: c for c in concepts}, text
 
@@ -173,6 +183,19 @@ class Generator:
         """Denoise all rows in one batch with diffusers' pipeline; the callback feeds each step's encodings,
         reports progress to `on_step` and, when it returns True, interrupts (diffusers' `interrupt`: the
         remaining steps are skipped and the latents so far decoded)."""
+        if self.is_xl:
+            out, done = render_xl(self, rows, sampling, output_type, on_step)
+        else:
+            out, done = self._render_sd(rows, sampling, output_type, on_step)
+        steps = rows[0].encoding.num_steps
+        size = {"width": out.images[0].width, "height": out.images[0].height} if output_type == "pil" else {}
+        settings = [{**r.settings, "seed": r.seed, "steps": sampling.steps, "guidance": sampling.guidance,
+                     "scheduler": sampling.scheduler, "negative_prompt": sampling.negative_prompt,
+                     "base_model": self.model_name, **size} for r in rows]
+        return Result(list(out.images), settings, interrupted_at=done if done < steps else None)
+
+    def _render_sd(self, rows: Sequence[Row], sampling: Sampling, output_type: str, on_step: StepCallback | None):
+        """`render` on SD 1.x/2.x: diffusers' `StableDiffusionPipeline`; the images and the steps done."""
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(**{**self.pipe.components, "scheduler": self.make_scheduler(sampling.scheduler)},
@@ -213,11 +236,7 @@ class Generator:
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["prompt_embeds"],
             output_type=output_type,
         )
-        size = {"width": out.images[0].width, "height": out.images[0].height} if output_type == "pil" else {}
-        settings = [{**r.settings, "seed": r.seed, "steps": sampling.steps, "guidance": sampling.guidance,
-                     "scheduler": sampling.scheduler, "negative_prompt": sampling.negative_prompt,
-                     "base_model": self.model_name, **size} for r in rows]
-        return Result(list(out.images), settings, interrupted_at=done[0] if done[0] < steps else None)
+        return out, done[0]
 
     def _settings(self, prompt: str, concepts: Sequence[Concept], truncation, alpha) -> dict:
         """The settings an image carries; `resolved_prompt` is the text the model read (tokens for `{}`)."""
@@ -331,7 +350,8 @@ class Generator:
         """`mixed(start, truncation, alpha, alone=None)`: the (T, L, S, D) style-mixing encoding, or one concept's
         own (`alone` = "geometry" or "appearance"); the two concepts' encodings are cached per (k, alpha)."""
         geometry_idx = resolve_layer_names(self.layers, list(geometry_layers))
-        appearance.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model")
+        appearance.check_compatible(self.token_dim, self.num_layers, self.model_name or "the loaded base model",
+                                    self.token_widths)
         timesteps = self.timesteps(sampling)
         is_geometry_layer = torch.zeros(self.num_layers, dtype=torch.bool)
         is_geometry_layer[geometry_idx] = True

@@ -1,7 +1,9 @@
 """The UNet's cross-attention layers in forward order, with stable names (NeTI Sec. 3.1: the space axis).
 
 SD 1.x/2.x have 16 cross-attention layers. Their LDM names (IN01 ... MID ... OUT11, as in the official code and
-the paper's figures) are derived from the diffusers module paths; other layouts keep the diffusers path as name.
+the paper's figures) are derived from the diffusers module paths. SDXL's 70 stack several transformer blocks in one
+attention module: each is named by its LDM block and its place in the stack, `IN04.0`, `IN04.1`, ..., `MID.9`, ...,
+`OUT05.1` (docs/sdxl.md "Layer names"). Other layouts keep the diffusers path as name.
 `unet.attn_processors` lists the mid block last, so the order is rebuilt here: down blocks, mid block, up blocks.
 The layer table: docs/method.md "Base model and layers".
 """
@@ -39,15 +41,17 @@ def _sort_key(path: str) -> tuple:
 
 
 def _ldm_name(path: str, layers_per_block: int, single_block: bool) -> str | None:
+    """IN/MID/OUT by the LDM block index; with stacked transformer blocks (SDXL) '.k' for the k-th of the stack."""
     match = _PATH.match(path)
-    if match is None or not single_block:
+    if match is None:
         return None
+    stack = "" if single_block else f".{match['tb']}"
     if match["group"] == "mid_block":
-        return "MID"
+        return "MID" + stack
     block, attn = int(match["block"]), int(match["attn"])
     if match["group"] == "down_blocks":
-        return f"IN{block * (layers_per_block + 1) + attn + 1:02d}"
-    return f"OUT{block * (layers_per_block + 1) + attn:02d}"
+        return f"IN{block * (layers_per_block + 1) + attn + 1:02d}{stack}"
+    return f"OUT{block * (layers_per_block + 1) + attn:02d}{stack}"
 
 
 def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
@@ -69,13 +73,21 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
     return [CrossAttentionLayer(i, n, p) for i, (n, p) in enumerate(zip(names, paths))]
 
 
+def layer_groups(layers: list[CrossAttentionLayer]) -> list[str]:
+    """The names a user picks layers by: the layer names, or on SDXL the blocks (`IN07` for `IN07.0` ... `IN07.9`),
+    in forward order."""
+    return list(dict.fromkeys(layer.name.split(".")[0] for layer in layers))
+
+
 def resolve_layer_names(layers: list[CrossAttentionLayer], names: list[str]) -> list[int]:
-    """Indices of the layers called `names` (case-insensitive); a clear error for an unknown name."""
+    """Indices of the layers called `names` (case-insensitive); a block name (`IN07`, `MID`) selects every layer of
+    its stack on SDXL (`IN07.0` ... `IN07.9`); a clear error for an unknown name."""
     by_name = {layer.name.upper(): layer.index for layer in layers}
     indices = []
     for name in names:
         key = str(name).strip().upper()
-        if key not in by_name:
+        stack = [index for full, index in by_name.items() if full.split(".")[0] == key and "." in full]
+        if key not in by_name and not stack:
             raise ValueError(f"unknown layer name {name!r}; this model's layers are: {', '.join(by_name)}")
-        indices.append(by_name[key])
+        indices.extend([by_name[key]] if key in by_name else stack)
     return indices

@@ -5,6 +5,10 @@ in the official code) -> two 128-wide Linear+LayerNorm+LeakyReLU layers -> neste
 D (or 2D with the textual bypass, Sec. 3.3). The whole output is rescaled to the super-category token's norm
 before it is split into (v_base, v_pass), as the official code does (docs/method.md "Output rescaling").
 
+On SDXL (docs/sdxl.md) D = 768 + 1280 (one share per text encoder, each rescaled to its own super-category norm)
+and the mapper is also queried at a virtual layer l = L whose output drives the pooled embedding: its anchors,
+nested-dropout coins and XTI's vectors cover L + 1 positions.
+
 XTI / P+ (Voynov et al.) keeps one vector per layer and Textual Inversion one vector; both share the mapper's
 call signature so that every method trains, saves and generates through the same code.
 """
@@ -67,11 +71,11 @@ class NetiMapper(nn.Module):
             torch.manual_seed(config.seed)
             if config.use_positional_encoding:
                 self.encoding = FourierEncoding(config.num_frequencies, config.sigma_t, config.sigma_l, config.seed)
-                num_anchors = config.num_time_anchors * config.num_layers
+                num_anchors = config.num_time_anchors * config.num_positions
                 self.input_layer: nn.Module = nn.Linear(self.encoding.dim, num_anchors)
                 with torch.no_grad():
                     anchors = self.encoding.anchors(
-                        config.num_time_anchors, config.num_layers, config.num_train_timesteps
+                        config.num_time_anchors, config.num_positions, config.num_train_timesteps
                     )
                     self.input_layer.weight.copy_(anchors)
                 in_dim = num_anchors
@@ -91,7 +95,7 @@ class NetiMapper(nn.Module):
         l = l.float() if cfg.use_layer else torch.zeros_like(l, dtype=torch.float32)
         if cfg.use_positional_encoding:
             return self.encoding(t, l)
-        return scaled_inputs(t, l, cfg.num_train_timesteps, cfg.num_layers)
+        return scaled_inputs(t, l, cfg.num_train_timesteps, cfg.num_positions)
 
     def units_kept(self, l: torch.Tensor, truncation: int | None) -> torch.Tensor:
         """How many leading hidden units each row keeps: (N,) (nested dropout in training, truncation after)."""
@@ -99,7 +103,7 @@ class NetiMapper(nn.Module):
         keep = torch.full(l.shape, cfg.hidden_dim, dtype=torch.long)
         if self.training and cfg.use_nested_dropout:
             # One coin per layer, as the official code calls the mapper once per layer; k ~ U{0..H-1} per row.
-            coin = torch.rand(cfg.num_layers) < cfg.nested_dropout_prob
+            coin = torch.rand(cfg.num_positions) < cfg.nested_dropout_prob
             drawn = torch.randint(0, cfg.hidden_dim, l.shape)
             keep = torch.where(coin[l.long().cpu()], drawn, keep)
         if truncation is not None:
@@ -115,11 +119,28 @@ class NetiMapper(nn.Module):
         h = h * (units[None, :] < keep[:, None]).to(h.dtype)
         out = self.output_layer(h[:, : self.config.kept_units])  # (N, D) or (N, 2D)
         if self.config.use_rescaling:
-            out = F.normalize(out, dim=-1) * self.config.target_norm
+            out = rescale(out, self.config)
         if self.config.has_bypass:
             base, bypass = out.chunk(2, dim=-1)
             return MapperOutput(base, bypass)
         return MapperOutput(out, None)
+
+
+def rescale(out: torch.Tensor, config: MapperConfig) -> torch.Tensor:
+    """Output rescaling (Eq. 4, as the official code does it: v_base and v_pass together). With several text
+    encoders (SDXL) each encoder's share, its v_base and v_pass parts, is scaled to the super-category's norm in
+    that encoder's own embedding table, since the two tables have different scales."""
+    if len(config.widths) == 1 or not config.target_norms:
+        return F.normalize(out, dim=-1) * config.target_norm
+    halves = out.chunk(2, dim=-1) if config.has_bypass else (out,)  # ((N, D),) or (v_base, v_pass)
+    pieces = [half.split(config.widths, dim=-1) for half in halves]  # per half, per encoder
+    scaled = []
+    for i, norm in enumerate(config.target_norms):
+        group = torch.cat([p[i] for p in pieces], dim=-1)
+        scaled.append(F.normalize(group, dim=-1) * norm)
+    width = list(config.widths)
+    per_half = [[g.split([w] * len(halves), dim=-1)[h] for g, w in zip(scaled, width)] for h in range(len(halves))]
+    return torch.cat([torch.cat(parts, dim=-1) for parts in per_half], dim=-1)
 
 
 class VectorTable(nn.Module):
@@ -130,7 +151,7 @@ class VectorTable(nn.Module):
         if config.method not in ("xti", "ti"):
             raise ValueError(f"VectorTable needs method 'xti' or 'ti', got {config.method!r}")
         self.config = config
-        rows = config.num_layers if config.method == "xti" else 1
+        rows = config.num_positions if config.method == "xti" else 1
         self.vectors = nn.Parameter(torch.zeros(rows, config.token_dim))
 
     def initialize(self, embedding: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
-"""Loading base models: a hub id or a local diffusers folder, SD 1.x / 2.x, or the bundled toy model.
+"""Loading base models: a hub id or a local diffusers folder, SD 1.x / 2.x / SDXL, or the bundled toy model.
 
-Everything goes through diffusers' `StableDiffusionPipeline.from_pretrained`, the same path real Stable Diffusion
-takes; the token width D and the number of cross-attention layers are read from the loaded model (NeTI Sec. 3.1).
+Everything goes through diffusers' `StableDiffusionPipeline.from_pretrained` (SDXL, as its model_index.json says:
+`StableDiffusionXLPipeline`), the same path real Stable Diffusion takes; the token width D and the number of
+cross-attention layers are read from the loaded model (NeTI Sec. 3.1).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def weights_fingerprint(pipe, samples: int = 256) -> str:
     import hashlib
 
     digest, picked = hashlib.sha256(), []
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)
         for name, tensor in (module.state_dict().items() if module is not None else ()):
             flat = tensor.reshape(-1)
@@ -79,10 +80,50 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+SD_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+PIPELINE_CLASSES = (SD_PIPELINE, SDXL_PIPELINE)  # the base-model families NeTI Studio runs
+
+
+def is_xl(pipe) -> bool:
+    """Whether `pipe` is SDXL-shaped: two text encoders whose penultimate states feed cross-attention, and a
+    pooled embedding in the time embedding (docs/sdxl.md)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def token_widths(pipe) -> tuple[int, ...]:
+    """The token width of each text encoder whose states feed cross-attention: (D,), or SDXL's (768, 1280)."""
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl(pipe) else [])
+    return tuple(int(e.config.hidden_size) for e in encoders)
+
+
+def pipeline_class_name(model: str | os.PathLike) -> str:
+    """The pipeline class a model folder (its model_index.json) or hub id names; SD 1.x/2.x when it cannot be
+    read (a hub id without the network: the loader's own error then explains)."""
+    import json
+
+    local = Path(model).expanduser()
+    try:
+        if local.exists():
+            config = json.loads((local / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+
+            config = DiffusionPipeline.load_config(str(model))
+    except Exception:  # unreadable or unreachable: fall back to SD, whose loader reports the real problem
+        return SD_PIPELINE
+    name = str(config.get("_class_name", SD_PIPELINE))
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(f"base model {str(model)!r} is a {name}; NeTI Studio runs {' and '.join(PIPELINE_CLASSES)} "
+                         "models (SD 1.x, SD 2.x, SDXL base)")
+    return name
+
+
 def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None):
-    """A `StableDiffusionPipeline` from a hub id or a local folder, on `device` (auto: cuda, mps, cpu)."""
-    from diffusers import StableDiffusionPipeline
+    """A `StableDiffusionPipeline` or, for an SDXL model (its model_index.json names the class), a
+    `StableDiffusionXLPipeline`, from a hub id or a local folder, on `device` (auto: cuda, mps, cpu)."""
+    import diffusers
 
     model = str(model) if model is not None else default_model()
     device = resolve_device(device)
@@ -94,11 +135,12 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
             f"`save_pretrained`, a hub id such as 'runwayml/stable-diffusion-v1-5', or the bundled model "
             f"{BUNDLED_MODEL}"
         )
+    class_name = pipeline_class_name(local if local.exists() else model)
+    extra = {} if class_name == SDXL_PIPELINE else dict(safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(local) if local.exists() else model, dtype=dtype, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+        pipe = getattr(diffusers, class_name).from_pretrained(str(local) if local.exists() else model, dtype=dtype,
+                                                              **extra)
     except Exception as exc:  # hub, network and parsing errors all mean: this model cannot be had here
         if local.exists():
             raise ValueError(f"could not load base model folder {model!r}: {exc}") from None
@@ -107,6 +149,9 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
             f"could not load base model {model!r}: {reason}. Use a local folder in diffusers layout "
             f"(model_index.json), or the bundled toy model {BUNDLED_MODEL} (the default)"
         ) from None
+    if class_name == SDXL_PIPELINE and (pipe.text_encoder is None or pipe.tokenizer is None):
+        raise ValueError(f"{model!r} is an SDXL model without its first text encoder (an SDXL refiner?); NeTI needs "
+                         "both encoders: load an SDXL base model")
     pipe.set_progress_bar_config(disable=True)
-    logger.info("loaded %s on %s (%s)", model, device, dtype)
+    logger.info("loaded %s (%s) on %s (%s)", model, class_name, device, dtype)
     return pipe.to(device)

@@ -179,7 +179,8 @@ class Studio:
     def model_description(self) -> str:
         pipe = self.pipe
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        return (f"{model_label(self.model_name)} ({size}x{size} px, token width {pipe.text_encoder.config.hidden_size}, "
+        width = " + ".join(map(str, self.generator.token_widths))  # SDXL: 768 + 1280
+        return (f"{model_label(self.model_name)} ({size}x{size} px, token width {width}, "
                 f"{self.generator.num_layers} cross-attention layers, {pipe.device})")
 
     @property
@@ -196,7 +197,7 @@ class Studio:
             except (ValueError, OSError):
                 out.append(ConceptStatus(e.name, "", 0, e.shipped, "unreadable file"))
                 continue
-            fits = concept.fits(self.generator.token_dim, self.generator.num_layers)
+            fits = concept.fits(self.generator.token_dim, self.generator.num_layers, self.generator.token_widths)
             problem = "" if fits else "made for another base model"
             problem = problem or ("" if concept.train_steps else "0 training steps")
             out.append(ConceptStatus(e.name, concept.token, int(concept.train_steps or 0), e.shipped, problem))

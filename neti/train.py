@@ -37,7 +37,7 @@ from PIL import Image
 from . import checkpoints
 from .attention import ensure_processors, pack
 from .concept import Concept
-from .conditioning import TextConditioner
+from .conditioning_xl import added_conditions, conditioner_for
 from .config import TrainConfig
 from .data import ConceptDataset, LoadedImage, image_warnings, template_kind
 from .layers import cross_attention_layers
@@ -126,7 +126,9 @@ def _prepare(pipe, concept: Concept, config: TrainConfig):
     from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
 
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is None:
+            continue
         module.requires_grad_(False)
     device = pipe.device
     precision = resolve_mixed_precision(config.mixed_precision, pipe.unet.dtype, device)
@@ -162,15 +164,18 @@ def _noise_scheduler(pipe):
 
 def _gradient_checkpointing(pipe, config: TrainConfig, on: bool) -> None:
     """Gradient checkpointing of the frozen UNet and text encoder as `config` asks, switched off after training."""
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet = pipe.unet
     if on and config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if on and (config.gradient_checkpointing or config.text_encoder_checkpointing):
-        text_encoder_checkpointing(text_encoder, True)
     if not on and getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
-    if not on and is_checkpointing(text_encoder):
-        text_encoder_checkpointing(text_encoder, False)
+    for text_encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # SDXL has two
+        if text_encoder is None:
+            continue
+        if on and (config.gradient_checkpointing or config.text_encoder_checkpointing):
+            text_encoder_checkpointing(text_encoder, True)
+        if not on and is_checkpointing(text_encoder):
+            text_encoder_checkpointing(text_encoder, False)
 
 
 def is_checkpointing(text_encoder) -> bool:
@@ -206,6 +211,14 @@ def _accumulate_gradients(trainer: "Trainer") -> tuple[float, float]:
     return loss_sum, float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean"))
 
 
+def _added_conditions(trainer: "Trainer", batch: Batch) -> dict | None:
+    """SDXL's pooled embedding per sample at its timestep and its size conditioning (conditioning_xl.py); None on SD
+    1.x/2.x."""
+    added = added_conditions(trainer.conditioner, batch.prompts, batch.timesteps, len(trainer.layers),
+                             {trainer.concept.token: trainer.model}, trainer.resolution)
+    return None if added is None else {k: v.to(trainer.pipe.unet.dtype) for k, v in added.items()}
+
+
 class _Digest:
     """`weights_digest(module)`, computed only when a debug line is actually written."""
 
@@ -217,18 +230,17 @@ class _Digest:
 
 
 class Trainer:
-    """Trains one concept on a loaded `StableDiffusionPipeline`'s frozen components."""
+    """Trains one concept on a loaded `StableDiffusionPipeline`'s (or SDXL's) frozen components."""
 
     def __init__(self, pipe, images: Sequence[Image.Image | LoadedImage], token: str, super_category: str,
-                 config: TrainConfig = TrainConfig(), model_name: str = "",
-                 callbacks: Sequence[TrainingCallback] = ()):
+                 config: TrainConfig = TrainConfig(), model_name: str = "", callbacks: Sequence[TrainingCallback] = ()):
         if not images:
             raise ValueError("training needs at least one image")
         self.pipe, self.config, self.model_name, self.callbacks = pipe, config, model_label(model_name), list(callbacks)
         self.stopping, self.step = threading.Event(), 0  # stopping: set by cancel()
         self.concept = Concept.for_pipeline(pipe, token, super_category, config.mapper_config(), self.model_name)
         self.layers = cross_attention_layers(pipe.unet)
-        self.conditioner = TextConditioner(pipe.tokenizer, pipe.text_encoder)
+        self.conditioner = conditioner_for(pipe)
         ensure_processors(pipe.unet, self.layers, self.conditioner.max_length)
         self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.dataset, self.warnings = _dataset(images, self.resolution, config)
@@ -284,7 +296,8 @@ class Trainer:
         target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
         with self._accelerator.autocast():
             states = self.encoder_states(batch.prompts, batch.timesteps)
-            pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, states.to(pipe.unet.dtype)).sample
+            pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, states.to(pipe.unet.dtype),
+                             added_cond_kwargs=_added_conditions(self, batch)).sample
         return F.mse_loss(pred.float(), target.float())
 
     def evaluation_loss(self, batch: Batch) -> float:

@@ -45,6 +45,34 @@ def generator(tiny_pipe, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def xl_model_dir(tmp_path_factory):
+    """A tiny SDXL-shaped pipeline (two text encoders 16 and 32 wide, 70 cross-attention layers) saved with
+    `save_pretrained`, as diffusers' own SDXL tests build theirs."""
+    from neti.testing import tiny_xl_model
+
+    return tiny_xl_model(tmp_path_factory.mktemp("tiny-sdxl"), WORDS)
+
+
+@pytest.fixture(scope="session")
+def loaded_xl_pipe(xl_model_dir):
+    from neti.models import load_pipeline
+
+    return load_pipeline(xl_model_dir, device="cpu")
+
+
+@pytest.fixture()
+def xl_pipe(loaded_xl_pipe):
+    return copy.deepcopy(loaded_xl_pipe)
+
+
+@pytest.fixture()
+def xl_generator(xl_pipe, xl_model_dir):
+    from neti.generate import Generator
+
+    return Generator(xl_pipe, str(xl_model_dir))
+
+
+@pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
     """A tiny random CLIPModel + CLIPProcessor saved with `save_pretrained`, loaded as a real CLIP would be."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig

@@ -2,7 +2,8 @@
 
 Like `transformers.testing_utils`, this is not part of the public API. `tiny_model` saves a random-weight
 pipeline with SD 1.x's 16 cross-attention layers (NeTI Sec. 3: the space axis of P*) at a test's size, the one
-builder the tests use (sd_layout.py, over a closed-vocabulary tokenizer, tokenizer.py); `AppServer` runs app.py
+builder the tests use (sd_layout.py, over a closed-vocabulary tokenizer, tokenizer.py), and `tiny_xl_model` its
+SDXL counterpart (sdxl_layout.py: two text encoders, 70 cross-attention layers); `AppServer` runs app.py
 (it needs a source checkout).
 """
 
@@ -29,6 +30,18 @@ def tiny_model(folder: Path, words: list[str], seed: int = 0, prediction_type: s
     pipe = build_pipeline(shape, build_clip_tokenizer(words, folder / "vocab", max_length=shape.max_tokens), seed=seed)
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def tiny_xl_model(folder: Path, words: list[str], seed: int = 0, **shape) -> Path:
+    """Save a random-weight SDXL-shaped pipeline (70 cross-attention layers, two text encoders; `SDXLShape`'s tiny
+    sizes unless `shape` says otherwise) whose tokenizers know `words` as single tokens to `folder`/model."""
+    from .sdxl_layout import SDXLShape, build_xl_pipeline
+    from .tokenizer import build_clip_tokenizer
+
+    shape = SDXLShape(**shape)
+    tokenizer = build_clip_tokenizer(words, folder / "vocab", max_length=shape.max_tokens)
+    build_xl_pipeline(shape, tokenizer, seed=seed).save_pretrained(folder / "model")
     return folder / "model"
 
 
