@@ -10,7 +10,8 @@
 3. Its agreement with the prompt on the model's generations for held-out captions (World(2) scenes, photos):
    the fraction of images that show the requested shape, colour, background, pattern and count.
 4. The prior over unnamed attributes: how often "a shape on a white background" gives each unnamed shape,
-   colour, pattern and a second colour (words cannot ask for them; the model must still draw them).
+   colour, pattern and a second colour (words cannot ask for them; the model must still draw them); and the
+   blend response (`--blends N`): how often each unnamed value's blend, which no prompt can type, draws it.
 5. The toy CLIP's zero-shot accuracy at naming shape, colour and background of held-out real images.
 """
 
@@ -150,7 +151,7 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 10) -> None:
 
 def evaluate(model: str | Path, captions: int = 200, steps: int = 25, guidance: float = 7.5, real: int = 1000,
              seed: int = 0, grid: Path | None = None, prior: int = 128, classifier_path: Path | None = None,
-             round_trips: Path | None = None) -> dict:
+             round_trips: Path | None = None, named_classifier_path: Path | None = None, blends: int = 0) -> dict:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPProcessor
 
@@ -172,12 +173,17 @@ def evaluate(model: str | Path, captions: int = 200, steps: int = 25, guidance: 
         save_round_trip_sheet(pipe.vae, round_trips)
     if prior:
         report["unnamed_prior"] = unnamed_prior(pipe, classifier, prior, steps, guidance)
+    if blends:
+        report["blend_response"] = blend_response(pipe, classifier, blends, steps, guidance)
     if captions:
         world = World(2, renderings=("photo",), rendering_weights=(1.0,))
         held_out = [world.scene(i) for i in range(captions)]
         start = time.time()
         generated = generate(pipe, [caption(s) for s in held_out], steps, guidance, seed)
         report["generation_agreement"] = generation_agreement(classifier, generated, held_out)
+        if named_classifier_path:  # the named world's judge, to compare with the named world's export
+            report["generation_agreement_named_judge"] = generation_agreement(
+                load_classifier(named_classifier_path), generated, held_out)
         if grid:
             save_grid(generated, grid)
             (grid.with_suffix(".txt")).write_text("\n".join(caption(s) for s in held_out) + "\n")
@@ -206,13 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior", type=int, default=128,
                         help="images of 'a shape on a white background' for the unnamed prior (0: skip)")
     parser.add_argument("--classifier", type=Path, help="default: assets/toy-classifier")
+    parser.add_argument("--named-classifier", type=Path,
+                        help="also judge the generations with this classifier (e.g. the named world's)")
+    parser.add_argument("--blends", type=int, default=0,
+                        help="images per prompt of the blend response (toyworld.evaluate.blend_response; 0: skip)")
     parser.add_argument("--round-trips", type=Path, help="save the examples' VAE round trips here (PNG)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = evaluate(args.model, args.captions, args.steps, args.guidance, grid=args.grid, prior=args.prior,
-                      classifier_path=args.classifier, round_trips=args.round_trips)
+                      classifier_path=args.classifier, round_trips=args.round_trips,
+                      named_classifier_path=args.named_classifier, blends=args.blends)
     rounded = json.loads(json.dumps(report), parse_float=lambda x: round(float(x), 4))
     text = json.dumps(rounded, indent=1)
     print(text)

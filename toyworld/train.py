@@ -414,6 +414,9 @@ def export(args) -> None:
     info = dict(unet_step=unet_state["step"], samples=unet_state["step"] * unet_state["batch"],
                 vae_step=vae_state["step"] if vae_state else None,
                 exported=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    for key in ("colour_dropout", "blend_share", "compound_share"):  # the caption recipe of the last run
+        if unet_state.get(key):
+            info[key] = unet_state[key]
     if unet_state.get("continued_from"):  # a fine-tune of an earlier export: keep its record
         info["continued_from"] = json.loads(unet_state["continued_from"])
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
