@@ -256,7 +256,62 @@ def text_transformer(text_encoder: nn.Module, embeds: torch.Tensor, penultimate:
     return hidden
 
 
-class TextConditioner:
+def grid_plan(used: Mapping[str, nn.Module], timesteps: Sequence[float], num_layers: int
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The rows a grid encoding needs: the distinct timesteps and the layers to encode, and each denoising step's
+    row of timesteps. Rows no concept can tell apart are encoded once: repeated timesteps (a decomposition's fixed
+    t), every timestep when no concept depends on t (XTI, TI, a plain prompt), every layer when none depends on
+    the layer (TI, a plain prompt)."""
+    by_time = any(getattr(c, "depends_on_time", True) for c in used.values())
+    by_layer = any(getattr(c, "depends_on_layer", True) for c in used.values())
+    distinct = list(dict.fromkeys(float(t) for t in timesteps)) if by_time else [float(timesteps[0])]
+    where = {t: i for i, t in enumerate(distinct)}
+    step_rows = tuple(where[float(t)] for t in timesteps) if by_time else (0,) * len(timesteps)
+    ts = torch.tensor(distinct, dtype=torch.float32)
+    return ts, torch.arange(num_layers if by_layer else 1, dtype=torch.float32), step_rows
+
+
+class EncodingCache:
+    """The byte-bounded, least-recently-used cache of grid encodings that a conditioner keeps at inference (its
+    `_cache`, `cache_budget` and `offload_cache`)."""
+
+    _cache: OrderedDict
+    offload_cache: bool
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(size for _, size in self._cache.values())
+
+    def _cache_key(self, *parts):
+        """A cache key, or None while gradients are on (training encodes afresh)."""
+        return None if torch.is_grad_enabled() else parts
+
+    def _lookup(self, key):
+        if key is None or key not in self._cache:
+            return None
+        self._cache.move_to_end(key)
+        return self._cache[key][0]
+
+    def _store(self, key, result):
+        """Cache `result` under `key` (not when None), in CPU memory with `offload_cache`; returns what to use."""
+        if key is None:
+            return result
+        if self.offload_cache:
+            result = result.to("cpu")
+        size, budget = result.nbytes, self.cache_budget
+        if size > budget:
+            logger.debug("an encoding of %d bytes exceeds the cache budget (%d bytes): not cached", size, budget)
+            return result
+        self._cache[key] = (result, size)
+        while self.cached_bytes > budget:
+            self._cache.popitem(last=False)
+        return result
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+class TextConditioner(EncodingCache):
     """Batched P* text encodings for one tokenizer / text encoder pair, with a byte-bounded cache for inference.
 
     `chunk_rows` fixes the rows per text-encoder call (default: `CHUNK_TOKENS` on the CPU, `chunk_bytes` of
@@ -294,10 +349,6 @@ class TextConditioner:
             return self.cache_bytes
         device = _text_parts(self.text_encoder).embeddings.token_embedding.weight.device
         return CACHE_BYTES.get(device.type, DEFAULT_CACHE_BYTES)
-
-    @property
-    def cached_bytes(self) -> int:
-        return sum(size for _, size in self._cache.values())
 
     def embedding_of(self, token_id: int) -> torch.Tensor:
         return _text_parts(self.text_encoder).embeddings.token_embedding.weight[token_id].detach()
@@ -417,49 +468,18 @@ class TextConditioner:
     def encode_grid(self, prompt: TokenizedPrompt, concepts: Mapping[str, nn.Module], timesteps: Sequence[float],
                     num_layers: int, truncation: int | None = None,
                     alpha: float = DEFAULT_BYPASS_ALPHA) -> GridEncoding:
-        """All (timestep, layer) encodings of one prompt, (T, L, S, D) as a `GridEncoding`, cached at inference.
-
-        Rows no concept can tell apart are encoded once: repeated timesteps (a decomposition's fixed t), every
-        timestep when no concept depends on t (XTI, TI, a plain prompt), every layer when none depends on the
-        layer (TI, a plain prompt).
-        """
+        """All (timestep, layer) encodings of one prompt, (T, L, S, D) as a `GridEncoding`, cached at inference;
+        rows no concept can tell apart are encoded once (`grid_plan`)."""
         used = {tok: c for tok, c in concepts.items() if any(tok == s for _, s in prompt.slots)}
-        key = None
-        if not torch.is_grad_enabled():
-            key = (prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
-                   id(self.text_encoder))
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key][0]
-        by_time = any(getattr(c, "depends_on_time", True) for c in used.values())
-        by_layer = any(getattr(c, "depends_on_layer", True) for c in used.values())
-        distinct = list(dict.fromkeys(float(t) for t in timesteps)) if by_time else [float(timesteps[0])]
-        where = {t: i for i, t in enumerate(distinct)}
-        step_rows = tuple(where[float(t)] for t in timesteps) if by_time else (0,) * len(timesteps)
-        ts = torch.tensor(distinct, dtype=torch.float32)
-        ls = torch.arange(num_layers if by_layer else 1, dtype=torch.float32)
+        key = self._cache_key(prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
+                              id(self.text_encoder))
+        if (hit := self._lookup(key)) is not None:
+            return hit
+        ts, ls, step_rows = grid_plan(used, timesteps, num_layers)
         grid_t, grid_l = torch.meshgrid(ts, ls, indexing="ij")
         rows = torch.zeros(grid_t.numel(), dtype=torch.long)
         enc = self.encode_rows([prompt], rows, grid_t.reshape(-1), grid_l.reshape(-1), used, truncation, alpha)
-        result = GridEncoding(enc.view(len(ts), len(ls)), step_rows, num_layers)
-        if key is not None:
-            if self.offload_cache:
-                result = result.to("cpu")
-            self._remember(key, result)
-        return result
-
-    def _remember(self, key, result: GridEncoding) -> None:
-        """Cache `result`, dropping the least recently used encodings to stay within the byte budget."""
-        size, budget = result.nbytes, self.cache_budget
-        if size > budget:
-            logger.debug("an encoding of %d bytes exceeds the cache budget (%d bytes): not cached", size, budget)
-            return
-        self._cache[key] = (result, size)
-        while self.cached_bytes > budget:
-            self._cache.popitem(last=False)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
+        return self._store(key, GridEncoding(enc.view(len(ts), len(ls)), step_rows, num_layers))
 
 
 def _layer_bytes_per_row(config, seq_len: int, dtype: torch.dtype) -> int:

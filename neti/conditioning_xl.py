@@ -27,8 +27,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .conditioning import (DEFAULT_CHUNK_BYTES, CACHE_BYTES, DEFAULT_CACHE_BYTES, Encoding, GridEncoding,
-                           TextConditioner, TokenizedPrompt, _identity, _slot_rows, _text_parts, storage_bytes)
+from .conditioning import (DEFAULT_CHUNK_BYTES, CACHE_BYTES, DEFAULT_CACHE_BYTES, Encoding, EncodingCache,
+                           GridEncoding, TextConditioner, TokenizedPrompt, _identity, _slot_rows, _text_parts,
+                           grid_plan, storage_bytes)
 from .config import DEFAULT_BYPASS_ALPHA
 from .mapper import MapperOutput
 
@@ -97,7 +98,7 @@ def _join(encodings: Sequence[Encoding]) -> Encoding:
     return Encoding(keys, values, every)
 
 
-class XLTextConditioner:
+class XLTextConditioner(EncodingCache):
     """Batched P* encodings for SDXL's two tokenizer / text-encoder pairs, with a byte-bounded inference cache.
 
     The arguments are `TextConditioner`'s, applied to both encoders (`chunk_rows` per encoder call)."""
@@ -135,10 +136,6 @@ class XLTextConditioner:
             return self.cache_bytes
         device = _text_parts(self.parts[0].text_encoder).embeddings.token_embedding.weight.device
         return CACHE_BYTES.get(device.type, DEFAULT_CACHE_BYTES)
-
-    @property
-    def cached_bytes(self) -> int:
-        return sum(size for _, size in self._cache.values())
 
     def token_count(self, prompt: str, tokens: Sequence[str] = ()) -> int:
         return max(p.token_count(prompt, tokens) for p in self.parts)
@@ -204,41 +201,16 @@ class XLTextConditioner:
         """All (timestep, layer) encodings of one prompt and its pooled embedding per timestep, each distinct row
         once (as `TextConditioner.encode_grid`), cached at inference."""
         used = {tok: c for tok, c in concepts.items() if any(tok == s for _, s in prompt.slots)}
-        key = None
-        if not torch.is_grad_enabled():
-            key = (prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
-                   tuple(id(p.text_encoder) for p in self.parts))
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key][0]
-        by_time = any(getattr(c, "depends_on_time", True) for c in used.values())
-        by_layer = any(getattr(c, "depends_on_layer", True) for c in used.values())
-        distinct = list(dict.fromkeys(float(t) for t in timesteps)) if by_time else [float(timesteps[0])]
-        where = {t: i for i, t in enumerate(distinct)}
-        step_rows = tuple(where[float(t)] for t in timesteps) if by_time else (0,) * len(timesteps)
-        ts = torch.tensor(distinct, dtype=torch.float32)
-        ls = torch.arange(num_layers if by_layer else 1, dtype=torch.float32)
+        key = self._cache_key(prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
+                              tuple(id(p.text_encoder) for p in self.parts))
+        if (hit := self._lookup(key)) is not None:
+            return hit
+        ts, ls, step_rows = grid_plan(used, timesteps, num_layers)
         grid_t, grid_l = torch.meshgrid(ts, ls, indexing="ij")
         rows = torch.zeros(grid_t.numel(), dtype=torch.long)
         enc = self.encode_rows([prompt], rows, grid_t.reshape(-1), grid_l.reshape(-1), used, truncation, alpha)
         pooled = self.pooled_rows([prompt], torch.zeros(len(ts), dtype=torch.long), ts, num_layers, used, truncation)
-        result = XLGridEncoding(enc.view(len(ts), len(ls)), step_rows, num_layers, pooled)
-        if key is not None:
-            if self.offload_cache:
-                result = result.to("cpu")
-            self._remember(key, result)
-        return result
-
-    def _remember(self, key, result: XLGridEncoding) -> None:
-        size, budget = result.nbytes, self.cache_budget
-        if size > budget:
-            return
-        self._cache[key] = (result, size)
-        while self.cached_bytes > budget:
-            self._cache.popitem(last=False)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
+        return self._store(key, XLGridEncoding(enc.view(len(ts), len(ls)), step_rows, num_layers, pooled))
 
 
 def conditioner_for(pipe, **kwargs) -> "TextConditioner | XLTextConditioner":

@@ -34,7 +34,7 @@ from .images import file_name, labelled_grid, make_grid, save_png
 from .layers import cross_attention_layers, resolve_layer_names
 from .mapper import check_truncation
 from .models import is_xl, model_label, token_widths
-from .progress import StepCallback
+from .progress import StepCallback, interrupt_if_asked
 from .xy import Axis, points
 
 logger = logging.getLogger(__name__)
@@ -218,10 +218,7 @@ class Generator:
         done = [steps]
 
         def on_step_end(pipeline, i, t, kwargs):
-            if on_step is not None and on_step(i + 1, steps) and i + 1 < steps:
-                pipeline._interrupt = True
-                done[0] = i + 1
-                logger.info("interrupted after %d of %d steps", i + 1, steps)
+            interrupt_if_asked(pipeline, i, steps, on_step, done)
             if i + 1 >= steps:
                 return {}
             embeds = packed(i + 1)

@@ -17,7 +17,7 @@ import torch
 
 from .attention import pack
 from .config import Sampling
-from .progress import StepCallback
+from .progress import StepCallback, interrupt_if_asked
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,7 @@ def render_xl(generator, rows: Sequence, sampling: Sampling, output_type: str = 
     done = [steps]
 
     def on_step_end(pipeline, i, t, kwargs):
-        if on_step is not None and on_step(i + 1, steps) and i + 1 < steps:
-            pipeline._interrupt = True
-            done[0] = i + 1
-            logger.info("interrupted after %d of %d steps", i + 1, steps)
+        interrupt_if_asked(pipeline, i, steps, on_step, done)
         if i + 1 >= steps:
             return {}
         embeds, pooled = packed(i + 1)

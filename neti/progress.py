@@ -8,12 +8,22 @@ the time left from the mean time per step so far and asks an `threading.Event` w
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from typing import Callable
 
 StepCallback = Callable[[int, int], bool]  # (steps done, total steps) -> interrupt?
+
+
+def interrupt_if_asked(pipeline, i: int, steps: int, on_step: "StepCallback | None", done: list[int]) -> None:
+    """Denoising step i finished: report it to `on_step`; when that returns True (and steps remain), set diffusers'
+    interrupt flag, so the remaining steps are skipped, and record the steps done in `done[0]`."""
+    if on_step is not None and on_step(i + 1, steps) and i + 1 < steps:
+        pipeline._interrupt = True
+        done[0] = i + 1
+        logging.getLogger(__name__).info("interrupted after %d of %d steps", i + 1, steps)
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -41,6 +41,20 @@ HUNG_AFTER_S = 900  # a guard against a hung process only: every wait ends on it
 T = TypeVar("T")
 
 
+def square_images():
+    """Three views of one simple thing: a red square on a blue ground, at different places (32 px PIL images)."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for shift in (4, 8, 12):
+        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+        pixels[...] = (30, 60, 200)
+        pixels[shift:shift + 14, shift:shift + 14] = (220, 30, 30)
+        out.append(Image.fromarray(pixels))
+    return out
+
+
 def wait_for(read: Callable[[], T], done: Callable[[T], bool], interval: float = 0.5) -> T:
     """Call `read()` until `done(value)` holds and return that value: the test waits for an event (a status, a
     file), not for a number of seconds. `done` should also accept the states that end the wait early (a run that

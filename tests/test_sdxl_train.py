@@ -4,24 +4,18 @@ Fixtures (the tiny SDXL-shaped pipeline) are in conftest.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+
+from helpers import square_images
 
 TOKEN = "<thing>"
 
 
 @pytest.fixture(scope="module")
 def images():
-    from PIL import Image
-
-    out = []
-    for shift in (4, 8, 12):
-        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
-        pixels[...] = (30, 60, 200)
-        pixels[shift:shift + 14, shift:shift + 14] = (220, 30, 30)
-        out.append(Image.fromarray(pixels))
-    return out
+    """Three views of one simple thing: a red square on a blue ground, at different places."""
+    return square_images()
 
 
 @pytest.mark.parametrize("method, fall", [("neti", 0.995), pytest.param("xti", 0.995, marks=pytest.mark.slow),

@@ -8,12 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from neti.concept import Concept
 from neti.config import PreviewConfig
 from neti.previews import Previews
 from neti.train import TrainConfig, Trainer, TrainingCallback
+
+from helpers import square_images
 
 
 @pytest.fixture()
@@ -30,13 +31,7 @@ def listening_pipe(tiny_pipe):
 @pytest.fixture(scope="module")
 def images():
     """Three views of one simple thing: a red square on a blue ground, at different places."""
-    out = []
-    for shift in (4, 8, 12):
-        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
-        pixels[...] = (30, 60, 200)
-        pixels[shift:shift + 14, shift:shift + 14] = (220, 30, 30)
-        out.append(Image.fromarray(pixels))
-    return out
+    return square_images()
 
 
 def quick(**overrides) -> TrainConfig:
