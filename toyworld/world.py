@@ -451,5 +451,6 @@ def dataset(world: World, start: int, count: int) -> tuple[np.ndarray, list[Scen
 
 
 __all__ = ["World", "Scene", "Thing", "Labels", "render", "caption", "vocabulary", "parse_caption", "dataset",
-           "ATTRIBUTES", "BLENDS", "described", "shown", "symmetric_colours", "SHAPES", "COLOURS", "BACKGROUNDS", "PATTERNS", "COUNTS", "RENDERINGS", "RGB", "SIZE",
-           "UNNAMED_SHAPES", "UNNAMED_COLOURS", "UNNAMED_PATTERNS", "UNNAMED_WORDS", "SECOND_COLOURS"]
+           "ATTRIBUTES", "BLENDS", "described", "shown", "symmetric_colours", "SHAPES", "COLOURS", "BACKGROUNDS",
+           "PATTERNS", "COUNTS", "RENDERINGS", "RGB", "SIZE", "UNNAMED_SHAPES", "UNNAMED_COLOURS", "UNNAMED_PATTERNS",
+           "UNNAMED_WORDS", "SECOND_COLOURS"]
