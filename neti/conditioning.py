@@ -271,9 +271,10 @@ def grid_plan(used: Mapping[str, nn.Module], timesteps: Sequence[float], num_lay
     return ts, torch.arange(num_layers if by_layer else 1, dtype=torch.float32), step_rows
 
 
-class EncodingCache:
-    """The byte-bounded, least-recently-used cache of grid encodings that a conditioner keeps at inference (its
-    `_cache`, `cache_budget` and `offload_cache`)."""
+class GridConditioner:
+    """What SD's and SDXL's conditioners share: a grid's distinct (t, l) rows encoded in one batched call
+    (`grid_plan`, their `encode_rows`) and the byte-bounded, least-recently-used cache of grid encodings kept at
+    inference (their `_cache`, `cache_budget` and `offload_cache`)."""
 
     _cache: OrderedDict
     offload_cache: bool
@@ -310,8 +311,23 @@ class EncodingCache:
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    def _grid_rows(self, prompt, concepts: Mapping[str, nn.Module], timesteps: Sequence[float], num_layers: int,
+                   truncation: int | None, alpha: float):
+        """The start of `encode_grid`: the concepts the prompt uses, the cache key, a cached result if any, else
+        the distinct rows encoded, (T', L', S, D), with their timesteps and each step's row."""
+        used = {tok: c for tok, c in concepts.items() if any(tok == s for _, s in prompt.slots)}
+        key = self._cache_key(prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
+                              self._encoder_ids())
+        if (hit := self._lookup(key)) is not None:
+            return used, key, hit, None
+        ts, ls, step_rows = grid_plan(used, timesteps, num_layers)
+        grid_t, grid_l = torch.meshgrid(ts, ls, indexing="ij")
+        rows = torch.zeros(grid_t.numel(), dtype=torch.long)
+        enc = self.encode_rows([prompt], rows, grid_t.reshape(-1), grid_l.reshape(-1), used, truncation, alpha)
+        return used, key, None, (enc.view(len(ts), len(ls)), ts, step_rows)
 
-class TextConditioner(EncodingCache):
+
+class TextConditioner(GridConditioner):
     """Batched P* text encodings for one tokenizer / text encoder pair, with a byte-bounded cache for inference.
 
     `chunk_rows` fixes the rows per text-encoder call (default: `CHUNK_TOKENS` on the CPU, `chunk_bytes` of
@@ -470,16 +486,14 @@ class TextConditioner(EncodingCache):
                     alpha: float = DEFAULT_BYPASS_ALPHA) -> GridEncoding:
         """All (timestep, layer) encodings of one prompt, (T, L, S, D) as a `GridEncoding`, cached at inference;
         rows no concept can tell apart are encoded once (`grid_plan`)."""
-        used = {tok: c for tok, c in concepts.items() if any(tok == s for _, s in prompt.slots)}
-        key = self._cache_key(prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
-                              id(self.text_encoder))
-        if (hit := self._lookup(key)) is not None:
+        _, key, hit, fresh = self._grid_rows(prompt, concepts, timesteps, num_layers, truncation, alpha)
+        if hit is not None:
             return hit
-        ts, ls, step_rows = grid_plan(used, timesteps, num_layers)
-        grid_t, grid_l = torch.meshgrid(ts, ls, indexing="ij")
-        rows = torch.zeros(grid_t.numel(), dtype=torch.long)
-        enc = self.encode_rows([prompt], rows, grid_t.reshape(-1), grid_l.reshape(-1), used, truncation, alpha)
-        return self._store(key, GridEncoding(enc.view(len(ts), len(ls)), step_rows, num_layers))
+        enc, _, step_rows = fresh
+        return self._store(key, GridEncoding(enc, step_rows, num_layers))
+
+    def _encoder_ids(self) -> int:
+        return id(self.text_encoder)
 
 
 def _layer_bytes_per_row(config, seq_len: int, dtype: torch.dtype) -> int:

@@ -27,9 +27,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .conditioning import (DEFAULT_CHUNK_BYTES, CACHE_BYTES, DEFAULT_CACHE_BYTES, Encoding, EncodingCache,
-                           GridEncoding, TextConditioner, TokenizedPrompt, _identity, _slot_rows, _text_parts,
-                           grid_plan, storage_bytes)
+from .conditioning import (DEFAULT_CHUNK_BYTES, CACHE_BYTES, DEFAULT_CACHE_BYTES, Encoding, GridConditioner,
+                           GridEncoding, TextConditioner, TokenizedPrompt, _slot_rows, _text_parts, storage_bytes)
 from .config import DEFAULT_BYPASS_ALPHA
 from .mapper import MapperOutput
 
@@ -98,7 +97,7 @@ def _join(encodings: Sequence[Encoding]) -> Encoding:
     return Encoding(keys, values, every)
 
 
-class XLTextConditioner(EncodingCache):
+class XLTextConditioner(GridConditioner):
     """Batched P* encodings for SDXL's two tokenizer / text-encoder pairs, with a byte-bounded inference cache.
 
     The arguments are `TextConditioner`'s, applied to both encoders (`chunk_rows` per encoder call)."""
@@ -200,17 +199,15 @@ class XLTextConditioner(EncodingCache):
                     alpha: float = DEFAULT_BYPASS_ALPHA) -> XLGridEncoding:
         """All (timestep, layer) encodings of one prompt and its pooled embedding per timestep, each distinct row
         once (as `TextConditioner.encode_grid`), cached at inference."""
-        used = {tok: c for tok, c in concepts.items() if any(tok == s for _, s in prompt.slots)}
-        key = self._cache_key(prompt, tuple(timesteps), num_layers, truncation, float(alpha), _identity(used),
-                              tuple(id(p.text_encoder) for p in self.parts))
-        if (hit := self._lookup(key)) is not None:
+        used, key, hit, fresh = self._grid_rows(prompt, concepts, timesteps, num_layers, truncation, alpha)
+        if hit is not None:
             return hit
-        ts, ls, step_rows = grid_plan(used, timesteps, num_layers)
-        grid_t, grid_l = torch.meshgrid(ts, ls, indexing="ij")
-        rows = torch.zeros(grid_t.numel(), dtype=torch.long)
-        enc = self.encode_rows([prompt], rows, grid_t.reshape(-1), grid_l.reshape(-1), used, truncation, alpha)
+        enc, ts, step_rows = fresh
         pooled = self.pooled_rows([prompt], torch.zeros(len(ts), dtype=torch.long), ts, num_layers, used, truncation)
-        return self._store(key, XLGridEncoding(enc.view(len(ts), len(ls)), step_rows, num_layers, pooled))
+        return self._store(key, XLGridEncoding(enc, step_rows, num_layers, pooled))
+
+    def _encoder_ids(self) -> tuple[int, ...]:
+        return tuple(id(p.text_encoder) for p in self.parts)
 
 
 def conditioner_for(pipe, **kwargs) -> "TextConditioner | XLTextConditioner":

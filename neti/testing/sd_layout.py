@@ -65,15 +65,18 @@ def build_unet(shape: SDShape):
     )
 
 
-def build_vae(shape: SDShape):
+def build_vae(shape: SDShape, **config):
+    """SD's `AutoencoderKL` at `shape`'s widths (any shape with `vae_channels`, `vae_groups`, `latent_channels`
+    and `resolution`, SDXL's too); `config` overrides, e.g. SDXL's `scaling_factor`."""
     from diffusers import AutoencoderKL
 
     n = len(shape.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=shape.vae_channels, layers_per_block=2,
-        latent_channels=shape.latent_channels, norm_num_groups=shape.vae_groups, sample_size=shape.resolution,
-    )
+    return AutoencoderKL(**{
+        **dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+               up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=shape.vae_channels, layers_per_block=2,
+               latent_channels=shape.latent_channels, norm_num_groups=shape.vae_groups,
+               sample_size=shape.resolution),
+        **config})
 
 
 def build_text_encoder(shape: SDShape, vocab_size: int):

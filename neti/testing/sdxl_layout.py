@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import sd_layout
+
 # SDXL base's scheduler configuration (scaled-linear betas, epsilon prediction, "leading" spacing).
 SDXL_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -79,15 +81,7 @@ def build_unet(shape: SDXLShape):
 
 
 def build_vae(shape: SDXLShape):
-    from diffusers import AutoencoderKL
-
-    n = len(shape.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=shape.vae_channels, layers_per_block=2,
-        latent_channels=shape.latent_channels, norm_num_groups=shape.vae_groups, sample_size=shape.resolution,
-        scaling_factor=0.13025,
-    )
+    return sd_layout.build_vae(shape, scaling_factor=0.13025)  # SDXL's VAE: SD's blocks, its own latent scale
 
 
 def build_text_encoder(text: TextShape, vocab_size: int, max_tokens: int = 77):
