@@ -21,6 +21,7 @@ from typing import Any
 METHODS = ("neti", "xti", "ti")  # NeTI; XTI / P+ (one vector per layer); Textual Inversion (one vector)
 ABLATIONS = ("no_positional_encoding", "no_nested_dropout", "no_bypass", "no_rescaling", "time_only", "space_only")
 BASE_LEARNING_RATES = {"neti": 1e-3, "xti": 6.25e-4, "ti": 5e-4}  # before scaling by batch x accumulation
+ACCUMULATION = ("auto", "fused", "sequential")  # "auto": fused on the CPU (neti.train)
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # "auto": follow the loaded weights (neti.precision)
 DEFAULT_MIXED_PRECISION = "auto"
 CROP_MODES = ("center", "random")  # how a training image is cropped square
@@ -122,6 +123,7 @@ class TrainConfig:
     steps: int = 500  # optimisation steps to reach
     batch_size: int = 2  # images per micro-batch
     grad_accum: int = 4  # micro-batches per optimisation step
+    accumulation: str = "auto"  # 'fused': one UNet pass a step (same loss, more memory); 'sequential'; auto: CPU fuses
     learning_rate: float | None = None  # base learning rate; None: the method's default (BASE_LEARNING_RATES)
     scale_lr: bool = True  # multiply the learning rate by batch x accumulation x processes (1e-3 -> 8e-3)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's betas
@@ -157,6 +159,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.accumulation not in ACCUMULATION:
+            raise ValueError(f"accumulation {self.accumulation!r} is unknown; use one of {', '.join(ACCUMULATION)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}")
         check_template_kind(self.templates)
@@ -237,8 +241,8 @@ class Sampling:
 
 # The values a field accepts, keyed by field name (the CLI's choices).
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS, "ablations": ABLATIONS, "mixed_precision": MIXED_PRECISION, "crop": CROP_MODES,
-    "templates": TEMPLATE_KINDS, "scheduler": tuple(SCHEDULERS),
+    "method": METHODS, "ablations": ABLATIONS, "accumulation": ACCUMULATION, "mixed_precision": MIXED_PRECISION,
+    "crop": CROP_MODES, "templates": TEMPLATE_KINDS, "scheduler": tuple(SCHEDULERS),
 }
 
 

@@ -4,7 +4,10 @@ Only the concept's representation trains; UNet, VAE and text encoder stay frozen
 prompt templates, noise and timesteps t ~ U{0..999}, encodes the prompts for all cross-attention layers at the
 samples' timesteps in one batched text-encoder pass (conditioning.py), and regresses the noise (or the velocity
 for v-prediction models). Defaults follow the paper: batch 2, gradient accumulation 4, AdamW, lr 1e-3 scaled by
-batch x accumulation x processes, constant schedule, 500 steps.
+batch x accumulation x processes, constant schedule, 500 steps. Accumulation is for memory: on the CPU (or with
+`accumulation="fused"`) a step's micro-batches, each conditioned with its own draws, share one UNet pass, which
+gives the same loss and gradients about twice as fast on the bundled model. The frozen VAE encodes each distinct
+photo once per run.
 
 Everything random in micro-batch m is drawn under a seed derived from (seed, m), so a run stopped and resumed
 from a checkpoint (checkpoints.py: weights, optimiser, lr schedule, step, random states) continues exactly as if
@@ -90,6 +93,11 @@ class Batch:
     prompts: list[str]
     noise: torch.Tensor  # (B, C, h, w)
     timesteps: torch.Tensor  # (B,)
+
+    @staticmethod
+    def concat(batches: list["Batch"]) -> "Batch":
+        return Batch(torch.cat([b.pixel_values for b in batches]), [p for b in batches for p in b.prompts],
+                     torch.cat([b.noise for b in batches]), torch.cat([b.timesteps for b in batches]))
 
 
 @dataclass
@@ -196,19 +204,60 @@ def text_encoder_checkpointing(text_encoder, on: bool) -> None:
 def _accumulate_gradients(trainer: "Trainer") -> tuple[float, float]:
     """Forward and backward the micro-batches of `trainer`'s next optimisation step; returns this process's loss
     and the loss every process agrees on (their mean). With several processes gradients accumulate locally and
-    the last micro-batch's backward all-reduces them."""
-    cfg, accelerator, loss_sum = trainer.config, trainer._accelerator, 0.0
-    last = (trainer.step + 1) * cfg.grad_accum - 1
-    for micro_step in range(trainer.step * cfg.grad_accum, last + 1):
-        sync = contextlib.nullcontext() if micro_step == last else accelerator.no_sync(trainer.model)
-        with sync, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(trainer._seed(micro_step) + 1)  # nested dropout
-            loss = trainer.loss(trainer.make_batch(micro_step))
-            accelerator.backward(loss / cfg.grad_accum)
-        loss_sum += float(loss.detach()) / cfg.grad_accum
+    the last micro-batch's backward all-reduces them. Fused, the micro-batches are conditioned one by one (the
+    same nested-dropout draws as sequential) and share one UNet pass: their mean loss is the same number."""
+    cfg, accelerator = trainer.config, trainer._accelerator
+    micro_steps = range(trainer.step * cfg.grad_accum, (trainer.step + 1) * cfg.grad_accum)
+    if trainer.fused:
+        batches = [trainer.make_batch(m) for m in micro_steps]
+        conditions = [_conditions(trainer, m, b) for m, b in zip(micro_steps, batches)]
+        loss = trainer.loss(Batch.concat(batches), _concat_conditions(conditions))
+        accelerator.backward(loss)
+        loss_sum = float(loss.detach())
+    else:
+        loss_sum = 0.0
+        for micro_step in micro_steps:
+            sync = contextlib.nullcontext() if micro_step == micro_steps[-1] else accelerator.no_sync(trainer.model)
+            with sync:
+                batch = trainer.make_batch(micro_step)
+                loss = trainer.loss(batch, _conditions(trainer, micro_step, batch))
+                accelerator.backward(loss / cfg.grad_accum)
+            loss_sum += float(loss.detach()) / cfg.grad_accum
     if accelerator.num_processes == 1:
         return loss_sum, loss_sum
     return loss_sum, float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean"))
+
+
+def _fuses(config: TrainConfig, device: torch.device) -> bool:
+    """Whether a step's micro-batches share one UNet pass (`TrainConfig.accumulation`; auto: on the CPU)."""
+    mode = config.accumulation
+    return config.grad_accum > 1 and (mode == "fused" or mode == "auto" and device.type == "cpu")
+
+
+def _optimiser_step(trainer: "Trainer") -> bool:
+    """Step the optimiser and the learning-rate schedule; whether the weights are all still finite."""
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return bool(torch.stack([torch.isfinite(p).all() for p in trainer.concept.parameters()]).all())
+
+
+def _concat_conditions(conditions: list[tuple[torch.Tensor, dict | None]]) -> tuple[torch.Tensor, dict | None]:
+    states, added = zip(*conditions)
+    if added[0] is None:
+        return torch.cat(states), None
+    return torch.cat(states), {k: torch.cat([a[k] for a in added]) for k in added[0]}
+
+
+def _conditions(trainer: "Trainer", micro_step: int | None, batch: Batch) -> tuple[torch.Tensor, dict | None]:
+    """The UNet's text conditioning of `batch` (packed per-layer keys/values, and SDXL's added conditions), with
+    micro-batch `micro_step`'s nested-dropout draws (None: the global random state's)."""
+    with contextlib.ExitStack() as stack:
+        if micro_step is not None:
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(trainer._seed(micro_step) + 1)  # nested dropout
+        with trainer._accelerator.autocast():
+            return trainer.encoder_states(batch.prompts, batch.timesteps), _added_conditions(trainer, batch)
 
 
 def _added_conditions(trainer: "Trainer", batch: Batch) -> dict | None:
@@ -217,6 +266,27 @@ def _added_conditions(trainer: "Trainer", batch: Batch) -> dict | None:
     added = added_conditions(trainer.conditioner, batch.prompts, batch.timesteps, len(trainer.layers),
                              {trainer.concept.token: trainer.model}, trainer.resolution)
     return None if added is None else {k: v.to(trainer.pipe.unet.dtype) for k, v in added.items()}
+
+
+class LatentCache:
+    """The frozen VAE's scaled posterior means of training images. Each distinct image (a concept's 3-10 photos,
+    flipped or not) is encoded once, alone, and remembered, up to `size` of them (random crops rarely repeat)."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.found = size, {}
+
+    @torch.no_grad()
+    def __call__(self, vae, pixel_values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        latents = []
+        for image in pixel_values:
+            key = hashlib.blake2b(image.contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
+            latent = self.found.get(key)
+            if latent is None:
+                latent = vae.encode(image[None].to(device, vae.dtype)).latent_dist.mean[0] * vae.config.scaling_factor
+                if len(self.found) < self.size:
+                    self.found[key] = latent
+            latents.append(latent)
+        return torch.stack(latents)
 
 
 class _Digest:
@@ -245,6 +315,7 @@ class Trainer:
         self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.dataset, self.warnings = _dataset(images, self.resolution, config)
         self.noise_scheduler = _noise_scheduler(pipe)
+        self._latents, self.fused = LatentCache(), _fuses(config, pipe.device)
         self._last_checkpoint: tuple[Path, int] | None = None  # the newest checkpoint written or resumed, its step
         self._accelerator, self.model, self.optimizer, self.lr_scheduler, self.learning_rate = _prepare(
             pipe, self.concept, config)
@@ -285,19 +356,18 @@ class Trainer:
         keys, values = (x.view(batch, per, *x.shape[1:]).expand(-1, num_layers, -1, -1) for x in (enc.keys, enc.values))
         return pack(keys, values)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, batch: Batch, conditions: tuple[torch.Tensor, dict | None] | None = None) -> torch.Tensor:
+        """The denoising loss of `batch` under `conditions` (`_conditions(self, None, batch)` if not given)."""
         pipe = self.pipe
-        with torch.no_grad():
-            latents = pipe.vae.encode(batch.pixel_values.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-            latents = latents * pipe.vae.config.scaling_factor
+        latents = self._latents(pipe.vae, batch.pixel_values, pipe.device)
         noise, timesteps = batch.noise.to(pipe.device, latents.dtype), batch.timesteps.to(pipe.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
         target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        states, added = conditions if conditions is not None else _conditions(self, None, batch)
         with self._accelerator.autocast():
-            states = self.encoder_states(batch.prompts, batch.timesteps)
             pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, states.to(pipe.unet.dtype),
-                             added_cond_kwargs=_added_conditions(self, batch)).sample
+                             added_cond_kwargs=added).sample
         return F.mse_loss(pred.float(), target.float())
 
     def evaluation_loss(self, batch: Batch) -> float:
@@ -328,10 +398,7 @@ class Trainer:
                 started, (local_loss, step_loss) = time.perf_counter(), _accumulate_gradients(self)
                 if not math.isfinite(step_loss):
                     self._diverged(f"the loss became {step_loss} at step {self.step + 1}")
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if not bool(torch.stack([torch.isfinite(p).all() for p in self.concept.parameters()]).all()):
+                if not _optimiser_step(self):
                     self._diverged(f"the weights became NaN or infinite at step {self.step + 1}")
                 self.step = self.concept.train_steps = self.step + 1
                 losses.append(step_loss)

@@ -273,3 +273,21 @@ def test_toy_clip_ranks_the_right_caption_first():
     with torch.no_grad():
         logits = model(**processor(text=captions, images=images, return_tensors="pt", padding="max_length")).logits_per_image
     assert logits.argmax(dim=1).tolist() == list(range(len(indices)))
+
+
+def test_the_vae_loss_weights_pattern_pixels_by_detail():
+    """`--detail` raises the weight of pixels unlike their neighbours (a dot in a second colour) and leaves the
+    loss of flat regions alone."""
+    from toyworld.train import vae_loss
+
+    target = torch.full((1, 3, 16, 16), -1.0)
+    target[:, 0, 4:12, 4:12] = 1.0  # a red square on black
+    target[:, 2, 7, 7] = 1.0  # one magenta dot in it
+    kl = torch.zeros(1)
+    on_dot, on_flat = target.clone(), target.clone()
+    on_dot[:, 2, 7, 7] = 0.0
+    on_flat[:, 2, 5, 10] = 1.0
+    plain = [float(vae_loss(r, target, kl, 0.0)) for r in (on_dot, on_flat)]
+    detailed = [float(vae_loss(r, target, kl, 0.0, detail=8.0)) for r in (on_dot, on_flat)]
+    assert detailed[0] / detailed[1] > 1.3 * plain[0] / plain[1]  # measured: 1.5x
+    assert float(vae_loss(target, target, kl, 0.0, detail=8.0)) == 0.0

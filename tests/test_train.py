@@ -75,6 +75,43 @@ def test_resume_equals_an_uninterrupted_run(tiny_pipe, images, tmp_path):
                            first.concept.mapper.state_dict()["output_layer.weight"])  # 3 steps differ from 6
 
 
+def test_fused_accumulation_computes_the_loss_and_gradients_of_sequential_accumulation(tiny_pipe, images):
+    """One UNet pass over a step's three micro-batches (the CPU's default) gives the loss and the gradients of
+    three passes, nested dropout included: each micro-batch keeps its own draws."""
+    from neti.train import _accumulate_gradients
+
+    found = {}
+    for mode in ("fused", "sequential"):
+        trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(grad_accum=3, accumulation=mode))
+        assert trainer.fused == (mode == "fused")
+        trainer.concept.train()
+        loss, _ = _accumulate_gradients(trainer)
+        found[mode] = loss, {n: p.grad for n, p in trainer.concept.named_parameters() if p.grad is not None}
+    (fused_loss, fused), (sequential_loss, sequential) = found["fused"], found["sequential"]
+    assert fused_loss == pytest.approx(sequential_loss, rel=1e-6)
+    assert fused.keys() == sequential.keys() and "mapper.output_layer.weight" in fused
+    for name, grad in fused.items():
+        scale = float(sequential[name].abs().max())
+        assert scale > 0 and torch.allclose(grad, sequential[name], rtol=1e-4, atol=1e-5 * scale), name
+    with pytest.raises(ValueError, match="accumulation 'both' is unknown"):
+        quick(accumulation="both")
+
+
+def test_each_training_photo_is_encoded_once_to_the_vaes_own_latent(tiny_pipe, images, tmp_path, monkeypatch):
+    """The frozen VAE sees each distinct image (3 photos, flipped or not) once, alone; the remembered latent is
+    the VAE's scaled posterior mean of it."""
+    trainer = Trainer(tiny_pipe, images, "<thing>", "cat", quick(steps=6))
+    vae, encoded = tiny_pipe.vae, []
+    real = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, *a, **k: encoded.append(len(x)) or real(x, *a, **k))
+    batch = trainer.make_batch(0)
+    with torch.no_grad():
+        expected = real(batch.pixel_values).latent_dist.mean * vae.config.scaling_factor
+    assert torch.allclose(trainer._latents(vae, batch.pixel_values, tiny_pipe.device), expected, atol=1e-5)
+    trainer.train(tmp_path / "c.safetensors")  # 12 more items drawn from 6 distinct images
+    assert set(encoded) == {1} and len(encoded) == len(trainer._latents.found) <= 2 * len(images)
+
+
 class _StopAt(TrainingCallback):
     def __init__(self, trainer, step):
         self.trainer, self.step = trainer, step
@@ -270,8 +307,8 @@ def test_images_with_captions_train_on_their_captions_and_the_choice_is_saved(ti
 def _nan_from(trainer, monkeypatch, micro_step):
     real = trainer.loss
 
-    def loss(batch):
-        value = real(batch)
+    def loss(batch, conditions=None):
+        value = real(batch, conditions)
         return value * float("nan") if trainer.step * trainer.config.grad_accum >= micro_step else value
 
     monkeypatch.setattr(trainer, "loss", loss)

@@ -49,13 +49,18 @@ NOISE_OFFSET = 0.3
 
 # ------------------------------------------------------------------------------------------------- 1. VAE
 
-def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float,
+             detail: float = 0.0) -> torch.Tensor:
     """Colour-aware reconstruction loss: L1 + MSE on pixels with object pixels (those unlike the background,
-    read at the corner, which objects never cover) weighted 5x, an L1 on 4x4-pooled colours so flat colours are
-    kept exactly, an L1 on horizontal and vertical pixel differences so edges, dots and the blocks of pixelated
-    images stay sharp, and a small KL."""
+    read at the corner, which objects never cover) weighted 5x, and pixels unlike their 3x3 neighbourhood (dots,
+    stripes, checks: where a second colour lives) weighted `detail` more, an L1 on 4x4-pooled colours so flat
+    colours are kept exactly, an L1 on horizontal and vertical pixel differences so edges, dots and the blocks of
+    pixelated images stay sharp, and a small KL."""
     background = target[:, :, :1, :1]
     weight = 1 + 4 * ((target - background).abs().sum(dim=1, keepdim=True) > 0.1).float()  # (B, 1, H, W)
+    if detail:
+        local = F.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+        weight = weight + detail * ((target - local).abs().sum(dim=1, keepdim=True) > 0.15).float()
     error = recon - target
     pixels = (weight * (error.abs() + error ** 2)).mean() / weight.mean()
     pooled = F.l1_loss(F.avg_pool2d(recon, 4), F.avg_pool2d(target, 4))
@@ -86,7 +91,7 @@ def train_vae(args) -> None:
 
     def save() -> None:
         save_atomic(dict(vae=vae.state_dict(), optimizer=optimizer.state_dict(), step=step, batch=args.batch,
-                         seed=args.seed, unnamed=args.unnamed, pin=args.pin), path)
+                         seed=args.seed, unnamed=args.unnamed, pin=args.pin, detail=args.detail), path)
 
     vae.train()
     peak = args.lr or 1e-3
@@ -100,7 +105,7 @@ def train_vae(args) -> None:
         with torch.set_grad_enabled(not args.decoder_only):
             posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=step_generator(args.seed, step))
-        loss = vae_loss(vae.decode(z).sample, x, posterior.kl(), kl_weight=1e-6)
+        loss = vae_loss(vae.decode(z).sample, x, posterior.kl(), kl_weight=1e-6, detail=args.detail)
         if pinned is not None:
             loss = loss + args.pin * pin_loss(pinned, x, posterior.mean, [s.named for s in scenes])
         optimise(optimizer, loss, [p for p in vae.parameters() if p.requires_grad])
@@ -417,6 +422,8 @@ def export(args) -> None:
     for key in ("colour_dropout", "blend_share", "compound_share"):  # the caption recipe of the last run
         if unet_state.get(key):
             info[key] = unet_state[key]
+    if vae_state and any(vae_state.get(k) for k in ("unnamed", "pin", "detail")):  # the VAE run's recipe
+        info["vae"] = {k: vae_state[k] for k in ("unnamed", "pin", "detail") if vae_state.get(k)}
     if unet_state.get("continued_from"):  # a fine-tune of an earlier export: keep its record
         info["continued_from"] = json.loads(unet_state["continued_from"])
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -473,6 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pin", type=float, default=0.0,
                         help="vae stage: weight of a loss that keeps named images' latents where the starting VAE "
                              "put them (start from the export), so the UNet can continue on the new VAE")
+    parser.add_argument("--detail", type=float, default=0.0,
+                        help="vae stage: extra loss weight of pixels unlike their neighbours (a pattern's second "
+                             "colour lives there)")
     parser.add_argument("--anneal-from", type=int,
                         help="vae stage: from this step on, the learning rate follows a cosine from --lr to 0 at --steps")
     parser.add_argument("--noise-offset", type=float, default=NOISE_OFFSET,
