@@ -33,6 +33,7 @@ VARIANTS = {  # name -> TrainConfig overrides
     "space_only": {"ablations": ("space_only",)},
     "lr_x0.25": {"learning_rate": 2.5e-4},
     "xti": {"method": "xti"},
+    "ti": {"method": "ti"},
 }
 
 
