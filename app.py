@@ -108,16 +108,20 @@ def library_gallery():
     return [(str(thumb) if thumb else NO_THUMBNAIL, label) for thumb, label, _ in studio().library_cards()]
 
 
-def dropdown_updates(current_multi=None, geo=None, app_=None, explore=None):
-    """The four concept pickers and the library gallery, keeping each picker's selection when it still exists."""
+def dropdown_updates(current_multi=None, geo=None, app_=None, explore=None, shown=None):
+    """The four concept pickers and the library gallery, keeping each picker's selection when it still exists.
+
+    `shown`: the four selections the page held when it sent a timer tick. A picker whose selection stays what it
+    was then gets its new choices only, so that a pick the user makes while the tick is in flight is not undone."""
     choices = concept_choices()
     names = [v for _, v in choices]
     keep = lambda v: v if v in names else (names[0] if names else None)
-    multi = [v for v in (current_multi or []) if v in names] or names[:1]
     second = names[1] if len(names) > 1 else (names[0] if names else None)
-    return (gr.Dropdown(choices=choices, value=multi), gr.Dropdown(choices=choices, value=keep(geo)),
-            gr.Dropdown(choices=choices, value=app_ if app_ in names else second),
-            gr.Dropdown(choices=choices, value=keep(explore)), library_gallery())
+    values = ([v for v in (current_multi or []) if v in names] or names[:1], keep(geo),
+              app_ if app_ in names else second, keep(explore))
+    shown = shown or (object(),) * 4
+    return (*(gr.Dropdown(choices=choices) if value == was else gr.Dropdown(choices=choices, value=value)
+              for value, was in zip(values, shown)), library_gallery())
 
 
 def truncation_value(k) -> int | None:
@@ -356,10 +360,11 @@ def poll(seen_training: tuple, seen_library, multi, geo, app_, explore):
         message = gr.skip() if snap.running else ""  # "Started …" or "Stopping …" ends with the run
         train_out = (*training_view(snap, previews_ != seen_previews, scores != seen_scores), message)
     if library != seen_library:
+        shown = (multi, geo, app_, explore)
         added = [e[0] for e in library if seen_library is not None and e[0] not in {x[0] for x in seen_library}]
         if added:  # a concept just finished training or was imported: selected only where nothing was
             multi, geo, explore = multi or [added[0]], geo or added[0], explore or added[0]
-        drops = dropdown_updates(multi, geo, app_, explore)
+        drops = dropdown_updates(multi, geo, app_, explore, shown=shown)
     else:
         drops = (gr.skip(),) * 5
     return (*train_out, *drops, seen_key(snap), library)

@@ -397,3 +397,20 @@ def test_stop_pressed_while_the_trainer_is_being_built_stops_the_run(tiny_pipe, 
     assert snap.status == "stopped" and snap.step == 0 and not snap.saved
     assert "Nothing was trained: no concept was saved" in snap.summary()
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_timer_tick_leaves_alone_a_pick_made_while_it_was_in_flight(monkeypatch):
+    """When a concept appears, the 1-s timer sends the pickers their new choices; a picker whose selection it did
+    not change gets no value, so that what the user picked after the tick was sent survives its answer. A picker
+    whose concept is gone, or that was empty, gets one."""
+    import app
+
+    choices = [("alpha · 9 steps", "alpha"), ("beta · 3 steps", "beta"), ("new · 5 steps", "new")]
+    monkeypatch.setattr(app, "concept_choices", lambda: choices)
+    monkeypatch.setattr(app, "library_gallery", lambda: [])
+    *pickers, _ = app.dropdown_updates(["alpha"], "gone", "beta", "new", shown=(["alpha"], "gone", "beta", None))
+    assert [p.constructor_args.get("choices") for p in pickers] == [choices] * 4
+    assert ["value" in p.constructor_args for p in pickers] == [False, True, False, True]
+    assert pickers[1].constructor_args["value"] == "alpha" and pickers[3].constructor_args["value"] == "new"
+    *pickers, _ = app.dropdown_updates(["alpha"], "beta", "beta", "new")  # a user's own action: every value
+    assert all("value" in p.constructor_args for p in pickers)

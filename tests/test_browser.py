@@ -208,8 +208,6 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     page.wait_for_function("document.querySelector('#keep-step input').value.startsWith('step ')")
     page.locator("#keep-step-button").click()  # the selected step (the best trade-off) becomes the concept
     page.wait_for_selector("#keep-message :text(\"Concept 'crescent' is now its step\")")
-    # The pickers take the kept step's label on the app's next 1-s tick; choosing while they redraw loses the pick.
-    page.wait_for_timeout(2500)
     shot(page, shots, "train")
 
     # ---- Generate: the user's selection was kept; pick the new concept; truncation 8 vs full differ

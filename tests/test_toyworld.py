@@ -172,8 +172,8 @@ def test_blended_text_encoding_equals_the_text_encoder_on_plain_words():
 
 
 def test_judges_read_what_the_image_shows():
-    """A sketch draws its pattern in the body colour, so its label has no second colour; two-coloured checks have
-    no body colour to tell apart, so their colours count as an unordered pair, and nothing else does."""
+    """A sketch draws its pattern in the body colour, so its label has no second colour; two-coloured checks and
+    stripes have no body colour to tell apart, so their colours count as an unordered pair, and nothing else does."""
     from dataclasses import replace
 
     from toyworld.classifier import hits
@@ -183,12 +183,16 @@ def test_judges_read_what_the_image_shows():
     checks = Scene("heart", "pink", "checkered", "white", "photo", (Thing(32, 32, 15),), pattern_colour="teal")
     dots = replace(checks, pattern="dotted")
     sketch = replace(checks, rendering="sketch")
-    assert symmetric_colours(checks) and not symmetric_colours(dots) and not symmetric_colours(sketch)
+    stripes = replace(checks, pattern="striped")
+    assert symmetric_colours(checks) and symmetric_colours(stripes)
+    assert not symmetric_colours(dots) and not symmetric_colours(sketch)
+    assert not symmetric_colours(replace(stripes, pattern_colour=None))  # a darker shade: the body is clear
     assert shown(sketch, "second") == "shade" and Labels.of(sketch).second == SECOND_COLOURS.index("shade")
     assert shown(checks, "second") == "teal" and np.array_equal(render(sketch), render(replace(sketch, pattern_colour=None)))
     swapped = {"colour": ["teal", "teal", "pink"], "second": ["pink", "pink", "shade"]}
     assert hits(swapped, [checks, dots, sketch], "colour") == [True, False, True]
     assert hits(swapped, [checks, dots, sketch], "second") == [True, False, True]
+    assert hits(swapped, [stripes, dots], "colour") == [True, False]
 
 
 @pytest.fixture(scope="module")

@@ -401,9 +401,10 @@ def shown(scene: Scene, name: str):
 
 def symmetric_colours(scene: Scene) -> bool:
     """Whether the image cannot tell the body colour from the pattern's: checks in two colours (half the squares
-    each) whose colours could each be either. Judges read such colours as an unordered pair."""
+    each), or stripes in two colours (the stripes cover 42-51% of an object, 5th to 95th percentile, and more than
+    half of it in one image in ten). Judges read such colours as an unordered pair."""
     second = shown(scene, "second")
-    return scene.pattern == "checkered" and second in ALL_COLOURS and second != "shade"
+    return scene.pattern in ("checkered", "striped") and second in ALL_COLOURS and second != "shade"
 
 
 @dataclass(frozen=True)
