@@ -429,8 +429,9 @@ class TextConditioner(GridConditioner):
 
     def encode_rows(self, prompts: Sequence[TokenizedPrompt], prompt_index: torch.Tensor, t: torch.Tensor,
                     l: torch.Tensor, concepts: Mapping[str, nn.Module], truncation: int | None = None,
-                    alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
-        """Encodings of rows (prompts[prompt_index[n]], t[n], l[n]): keys (N, S, D) and the bypassed rows."""
+                    alpha: float = DEFAULT_BYPASS_ALPHA, into: torch.Tensor | None = None) -> Encoding:
+        """Encodings of rows (prompts[prompt_index[n]], t[n], l[n]): keys (N, S, D) and the bypassed rows.
+        `into`: an (N, S, D) tensor, possibly a view into a wider one, that receives the keys."""
         parts = _text_parts(self.text_encoder)
         weight = parts.embeddings.token_embedding.weight
         device, dtype = weight.device, weight.dtype
@@ -456,7 +457,7 @@ class TextConditioner(GridConditioner):
             bypass = tuple(x[order] for x in bypass)
         n, seq = len(prompt_index), ids.shape[1]
         step = self.rows_per_call(seq, device, dtype)
-        keys, at = None, []  # at: the last hidden state before the final LayerNorm at the bypass slots
+        keys, at = into, []  # at: the last hidden state before the final LayerNorm at the bypass slots
         for start in range(0, n, step):
             stop = min(n, start + step)
             embeds = token_embeds[prompt_index[start:stop]]  # (rows, S, D)
@@ -465,7 +466,7 @@ class TextConditioner(GridConditioner):
                 embeds = embeds.index_put((slots[0][inside] - start, slots[1][inside]), slots[2][inside])
             hidden = self._body(embeds)  # (rows, S, D)
             chunk_keys = self._output(hidden)
-            if stop - start == n:
+            if stop - start == n and keys is None:
                 keys = chunk_keys
             else:
                 if keys is None:

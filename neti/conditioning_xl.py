@@ -20,6 +20,8 @@ generator hands it to diffusers' pipeline per step through the step-end callback
 
 from __future__ import annotations
 
+import itertools
+
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -76,10 +78,10 @@ class _Share(nn.Module):
         return self.out
 
 
-def _join(encodings: Sequence[Encoding]) -> Encoding:
-    """Encodings of the same rows from several encoders, joined on the width axis. The bypassed placeholder rows
-    stay compact when the tokenizers put the placeholders at the same positions (SDXL's share one vocabulary)."""
-    keys = torch.cat([e.keys for e in encodings], dim=-1)
+def _join(encodings: Sequence[Encoding], keys: torch.Tensor) -> Encoding:
+    """Encodings of the same rows from several encoders, whose keys were written side by side into `keys` (so that
+    the grid's keys are never held twice). The bypassed placeholder rows stay compact when the tokenizers put the
+    placeholders at the same positions (SDXL's share one vocabulary)."""
     if all(e.bypassed is None for e in encodings):
         return Encoding(keys)
     positions = next(e.positions for e in encodings if e.positions is not None)
@@ -159,12 +161,14 @@ class XLTextConditioner(GridConditioner):
                     alpha: float = DEFAULT_BYPASS_ALPHA) -> Encoding:
         """Encodings of rows (prompts[prompt_index[n]], t[n], l[n]): keys (N, S, 768 + 1280) and bypassed rows."""
         shared = self._shared(prompts, prompt_index, t, l, concepts, truncation)
-        encodings = []
+        weight = self.parts[0].text_encoder.get_input_embeddings().weight
+        keys = weight.new_empty((len(prompt_index), len(prompts[0].parts[0].ids), sum(self.widths)))
+        encodings, offsets = [], [0, *itertools.accumulate(self.widths)]
         for i, part in enumerate(self.parts):
             shares = {token: _Share(out, i, self.widths) for token, out in shared.items()}
             encodings.append(part.encode_rows([p.parts[i] for p in prompts], prompt_index, t, l, shares, truncation,
-                                              alpha))
-        return _join(encodings)
+                                              alpha, into=keys[..., offsets[i]:offsets[i + 1]]))
+        return _join(encodings, keys)
 
     def pooled_rows(self, prompts: Sequence[XLPrompt], prompt_index: torch.Tensor, t: torch.Tensor, pooled_layer: int,
                     concepts: Mapping[str, nn.Module], truncation: int | None = None) -> torch.Tensor:

@@ -114,13 +114,14 @@ def test_encoders_whose_placeholders_sit_at_different_positions_keep_exact_value
     from neti.conditioning import Encoding
     from neti.conditioning_xl import _join
 
-    keys = [torch.randn(3, 6, 2), torch.randn(3, 6, 4)]
+    joined_keys = torch.randn(3, 6, 6)  # each encoder's keys are views of it, as `encode_rows` writes them
+    keys = [joined_keys[..., :2], joined_keys[..., 2:]]
     a = Encoding(keys[0], torch.randn(3, 1, 2), torch.tensor([[2], [2], [3]]))
     b = Encoding(keys[1], torch.randn(3, 1, 4), torch.tensor([[2], [4], [3]]))
-    joined = _join([a, b])
+    joined = _join([a, b], joined_keys)
     assert torch.equal(joined.keys, torch.cat(keys, -1))
     assert torch.equal(joined.values, torch.cat([a.values, b.values], -1))
-    same = _join([a, Encoding(keys[1], torch.randn(3, 1, 4), a.positions)])
+    same = _join([a, Encoding(keys[1], torch.randn(3, 1, 4), a.positions)], joined_keys)
     assert same.bypassed.shape == (3, 1, 6)  # shared positions stay compact
 
 
