@@ -13,6 +13,7 @@ their message in the page. Runs on the bundled toy model when it is there, else 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -72,19 +73,28 @@ def shots(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A headless Chromium page on the app at `url`, once it shows its base model."""
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.set_default_timeout(60_000)
-        page.goto(server.url)
-        page.wait_for_selector("#model-status :text('Base model')")
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.wait_for_selector("#model-status :text('Base model')")
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with browser_page(server.url) as page:
         status = page.inner_text("#model-status")
         assert "assets/toy-sd (64x64 px" in status and str(REPO_ROOT) not in status, status  # the repository-relative label
         yield page
-        browser.close()
 
 
 def tab(page, name: str) -> None:
@@ -135,6 +145,18 @@ def gallery_image(page, selector: str, previous: bytes | None = None, count: int
     page.wait_for_function(f"document.querySelectorAll('{selector} img').length >= {count}")
     return wait_for(lambda: [page.request.get(images.nth(i).get_attribute("src")).body() for i in range(count)],
                     lambda data: previous is None or data[0] != previous)
+
+
+def generate_truncated(page, concept: str, steps: int) -> bytes:
+    """In Generate, pick `concept` alone and render one image at truncation 8; its PNG bytes."""
+    tab(page, "Generate")
+    page.wait_for_selector("#gen-concepts :text('other')")
+    choose(page, "#gen-concepts", concept, replace=True)
+    set_number(page, "#gen-images", 1)
+    set_number(page, "#gen-steps", steps)
+    set_number(page, "#gen-truncation", 8)
+    page.locator("#gen-button").click()
+    return gallery_image(page, "#gen-gallery")[0]
 
 
 def pixels(png: bytes):
@@ -211,15 +233,8 @@ def test_train_watch_stop_generate_mix_and_explore(page, shots):
     shot(page, shots, "train")
 
     # ---- Generate: the user's selection was kept; pick the new concept; truncation 8 vs full differ
-    tab(page, "Generate")
-    page.wait_for_selector("#gen-concepts :text('other')")
-    choose(page, "#gen-concepts", "crescent", replace=True)
-    page.wait_for_selector("#gen-tokens :text('tokens')")
-    set_number(page, "#gen-images", 1)
-    set_number(page, "#gen-steps", SAMPLER_STEPS)
-    set_number(page, "#gen-truncation", 8)
-    page.locator("#gen-button").click()
-    truncated = gallery_image(page, "#gen-gallery")[0]
+    truncated = generate_truncated(page, "crescent", SAMPLER_STEPS)
+    assert "tokens" in page.inner_text("#gen-tokens")
     set_number(page, "#gen-truncation", DEFAULT_HIDDEN_DIM + 1)  # "full"
     page.locator("#gen-prompt textarea").press("Control+Enter")  # Ctrl+Enter generates
     full = gallery_image(page, "#gen-gallery", previous=truncated)[0]

@@ -15,7 +15,8 @@ from helpers import APP_WORDS, HUNG_AFTER_S, make_concept
 from neti.config import DEFAULT_HIDDEN_DIM
 from neti.paths import EXAMPLES_DIR
 from neti.testing import AppServer, tiny_xl_model
-from test_browser import ARGS, CHROMIUM, choose, gallery_image, pixels, set_number, tab, upload, wait_for_dropdown
+from test_browser import (CHROMIUM, browser_page, choose, gallery_image, generate_truncated, pixels, set_number, tab,
+                          upload, wait_for_dropdown)
 
 EXAMPLE = EXAMPLES_DIR / "dotted-crescent"
 SAMPLER_STEPS = 4
@@ -44,15 +45,8 @@ def xl_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def xl_page(xl_server):
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.set_default_timeout(60_000)
-        page.goto(xl_server.url)
-        page.wait_for_selector("#model-status :text('Base model')")
+    with browser_page(xl_server.url) as page:
         yield page
-        browser.close()
 
 
 def test_train_generate_mix_and_explore_on_sdxl(xl_page):
@@ -74,14 +68,7 @@ def test_train_generate_mix_and_explore_on_sdxl(xl_page):
     assert page.locator("#train-previews img").count() >= 2  # steps 0, 2 and 4
 
     # ---- Generate: the new concept at truncation 8 and at full truncation
-    tab(page, "Generate")
-    page.wait_for_selector("#gen-concepts :text('other')")
-    choose(page, "#gen-concepts", "crescent", replace=True)
-    set_number(page, "#gen-images", 1)
-    set_number(page, "#gen-steps", SAMPLER_STEPS)
-    set_number(page, "#gen-truncation", 8)
-    page.locator("#gen-button").click()
-    truncated = gallery_image(page, "#gen-gallery")[0]
+    truncated = generate_truncated(page, "crescent", SAMPLER_STEPS)
     set_number(page, "#gen-truncation", DEFAULT_HIDDEN_DIM + 1)  # "full"
     page.locator("#gen-button").click()
     full = gallery_image(page, "#gen-gallery", previous=truncated)[0]
