@@ -119,9 +119,9 @@ def dropdown_updates(current_multi=None, geo=None, app_=None, explore=None, show
     second = names[1] if len(names) > 1 else (names[0] if names else None)
     values = ([v for v in (current_multi or []) if v in names] or names[:1], keep(geo),
               app_ if app_ in names else second, keep(explore))
-    shown = shown or (object(),) * 4
-    return (*(gr.Dropdown(choices=choices) if value == was else gr.Dropdown(choices=choices, value=value)
-              for value, was in zip(values, shown)), library_gallery())
+    unchanged = [shown is not None and value == was for value, was in zip(values, shown or values)]
+    return (*(gr.Dropdown(choices=choices) if same else gr.Dropdown(choices=choices, value=value)
+              for value, same in zip(values, unchanged)), library_gallery())
 
 
 def truncation_value(k) -> int | None:
