@@ -295,3 +295,33 @@ def test_the_vae_loss_weights_pattern_pixels_by_detail():
     detailed = [float(vae_loss(r, target, kl, 0.0, detail=8.0)) for r in (on_dot, on_flat)]
     assert detailed[0] / detailed[1] > 1.3 * plain[0] / plain[1]  # measured: 1.5x
     assert float(vae_loss(target, target, kl, 0.0, detail=8.0)) == 0.0
+
+
+def test_vector_norms_reads_where_each_method_puts_its_embeddings(tiny_pipe):
+    """TI starts at the super-category's embedding; NeTI's output is rescaled to its norm; XTI's vectors are free."""
+    from dataclasses import replace
+
+    from neti import Concept, MapperConfig
+    from neti.conditioning import TextConditioner, super_category_id
+    from toyworld.vector_norms import summary
+
+    word = TextConditioner(tiny_pipe.tokenizer, tiny_pipe.text_encoder).embedding_of(
+        super_category_id(tiny_pipe.tokenizer, "teapot")).float()
+    timesteps = [999, 500, 1]
+    ti = summary(Concept.for_pipeline(tiny_pipe, "<t>", "teapot", MapperConfig(method="ti")), word, timesteps)
+    assert ti["norm_mean"] == pytest.approx(float(word.norm()), rel=1e-5)
+    assert ti["cos_super"] == pytest.approx(1.0, abs=1e-5) and ti["cos_grid_mean"] == pytest.approx(1.0, abs=1e-5)
+    neti = Concept.for_pipeline(tiny_pipe, "<n>", "teapot", replace(MapperConfig(), use_bypass=False))
+    rescaled = summary(neti, word, timesteps)
+    assert rescaled["norm_min"] == pytest.approx(float(word.norm()), rel=1e-5)
+    assert rescaled["norm_max"] == pytest.approx(float(word.norm()), rel=1e-5)
+    assert rescaled["cos_grid_mean"] < 0.999 and "bypass_norm_mean" not in rescaled  # it varies over (t, l)
+    with_bypass = summary(Concept.for_pipeline(tiny_pipe, "<b>", "teapot"), word, timesteps)
+    assert with_bypass["norm_max"] < float(word.norm()) and with_bypass["bypass_norm_mean"] > 0
+    xti = Concept.for_pipeline(tiny_pipe, "<x>", "teapot", MapperConfig(method="xti"))
+    with torch.no_grad():
+        xti.mapper.vectors[3] *= 4
+    free = summary(xti, word, timesteps)
+    layers = xti.config.num_layers
+    assert free["norm_max"] == pytest.approx(4 * float(word.norm()), rel=1e-5)
+    assert free["norm_mean"] == pytest.approx((layers + 3) / layers * float(word.norm()), rel=1e-5)

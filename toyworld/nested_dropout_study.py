@@ -11,6 +11,8 @@ classifier counts the concept's shape, body colour, colour pair and pattern.
         --steps 500 --every 500 --truncations --json crescent.json
     python -m toyworld.nested_dropout_study --concept checkered-hexagon --variants default xti ti \
         --lr-scales 0.25 1 4 --steps 500 --every 500 --truncations --json sweep.json   # a learning-rate sweep
+    python -m toyworld.nested_dropout_study --concept checkered-heart --variants time_only space_only \
+        no_nested_dropout no_rescaling --steps 1000 --every 250 --truncations --json ablations.json   # controls
 
 `checkered-hexagon` is shipped nowhere: it is the learning-rate sweep's concept, kept apart from the
 concepts that the methods are compared on.
@@ -41,6 +43,7 @@ VARIANTS = {  # name -> TrainConfig overrides
     "time_only": {"ablations": ("time_only",)},
     "space_only": {"ablations": ("space_only",)},
     "no_bypass": {"ablations": ("no_bypass",)},
+    "no_rescaling": {"ablations": ("no_rescaling",)},
     "lr_x0.25": {"learning_rate": 2.5e-4},
     "xti": {"method": "xti"},
     "ti": {"method": "ti"},
