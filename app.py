@@ -119,7 +119,7 @@ def dropdown_updates(current_multi=None, geo=None, app_=None, explore=None, show
     second = names[1] if len(names) > 1 else (names[0] if names else None)
     values = ([v for v in (current_multi or []) if v in names] or names[:1], keep(geo),
               app_ if app_ in names else second, keep(explore))
-    unchanged = [shown is not None and value == was for value, was in zip(values, shown or values)]
+    unchanged = [False] * len(values) if shown is None else [v == was for v, was in zip(values, shown)]
     return (*(gr.Dropdown(choices=choices) if same else gr.Dropdown(choices=choices, value=value)
               for value, same in zip(values, unchanged)), library_gallery())
 

@@ -25,7 +25,7 @@ FLAGS = ("use_time", "use_layer", "use_nested_dropout", "use_bypass", "use_resca
 
 def grid_vectors(concept, timesteps: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The concept's (v_base, v_pass) over the (timestep, layer) grid: (T * L, D) each, v_pass None without it."""
-    layers = max(concept.config.num_layers, 1)
+    layers = concept.config.num_layers
     t = torch.tensor(timesteps, dtype=torch.float32).repeat_interleave(layers)
     l = torch.arange(layers).repeat(len(timesteps))
     with torch.no_grad():
@@ -64,10 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.concepts:
         concept = Concept.load(path)
         embedding = conditioner.embedding_of(super_category_id(pipe.tokenizer, concept.super_category)).float()
-        report["super_category_norm"] = float(embedding.norm())
-        cfg = concept.config
-        off = [name for name in FLAGS if concept.method == "neti" and not getattr(cfg, name)]
-        row = {"method": concept.method, "off": off, **summary(concept, embedding, timesteps)}
+        off = [name for name in FLAGS if concept.method == "neti" and not getattr(concept.config, name)]
+        row = {"method": concept.method, "off": off, "super_category": concept.super_category,
+               "super_category_norm": float(embedding.norm()), **summary(concept, embedding, timesteps)}
         report["concepts"][str(path)] = row
         logger.info("%s %s", path, json.dumps(row))
     if args.json:
