@@ -279,6 +279,37 @@ def test_toy_clip_ranks_the_right_caption_first():
     assert logits.argmax(dim=1).tolist() == list(range(len(indices)))
 
 
+def test_toy_clip_captions_name_unnamed_values_the_generator_cannot():
+    """The judge's training captions say "heart", "pink", "checkered" (its vocabulary has them); the generator's
+    captions of the same scenes never do."""
+    from toyworld.clip import partial_caption
+
+    world, said = World(3, unnamed=0.5), set()
+    for i in range(300):
+        scene = world.scene(i)
+        words = set(partial_caption(scene, np.random.default_rng(i)).split())
+        said |= words & UNNAMED_WORDS
+        assert not set(world.caption(i).split()) & UNNAMED_WORDS
+        assert words <= set(vocabulary(unnamed=True))
+    assert {"crescent", "heart", "hexagon", "pink", "teal", "brown", "checkered", "hearts"} <= said
+
+
+def test_toy_clip_knows_the_unnamed_attributes():
+    """Zero-shot among all nine shapes (colours; all four patterns), the bundled toy CLIP names unnamed values in
+    held-out photos; the toy CLIP trained on the named world alone did so in 3%."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from toyworld.clip import CLIP_PATH, zero_shot_unnamed
+
+    model, processor = CLIPModel.from_pretrained(CLIP_PATH).eval(), CLIPProcessor.from_pretrained(CLIP_PATH)
+    world = World(1, unnamed=0.5)
+    indices = [i for i in range(400) if world.scene(i).rendering == "photo"][:120]
+    scores = zero_shot_unnamed(model, processor, np.stack([world.image(i) for i in indices]),
+                               [world.scene(i) for i in indices])
+    assert set(scores) == {"shape", "colour", "pattern"}
+    assert min(scores.values()) >= 0.6, scores
+
+
 def test_the_vae_loss_weights_pattern_pixels_by_detail():
     """`--detail` raises the weight of pixels unlike their neighbours (a dot in a second colour) and leaves the
     loss of flat regions alone."""
@@ -325,3 +356,34 @@ def test_vector_norms_reads_where_each_method_puts_its_embeddings(tiny_pipe):
     layers = xti.config.num_layers
     assert free["norm_max"] == pytest.approx(4 * float(word.norm()), rel=1e-5)
     assert free["norm_mean"] == pytest.approx((layers + 3) / layers * float(word.norm()), rel=1e-5)
+
+
+def test_style_mix_report_judges_the_geometry_shape_with_the_appearance_look_in_either_role_order():
+    """`measure_mix` asks for the geometry example's shape and the appearance example's colours and pattern; a
+    swapped pair hands the mixer the appearance concept first (early, coarse layers), judged the same way."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from toyworld.personalization import MIX_STARTS, measure_mix
+
+    calls = []
+
+    class Generator:
+        def mix(self, prompt, geometry, appearance, seeds, starts, sampling=None):
+            calls.append((geometry, appearance))
+            return SimpleNamespace(images=[Image.new("RGB", (64, 64))] * (len(seeds) * len(starts)))
+
+    class Classifier:  # a pink-and-teal checkered heart in every image but the first start's
+        def predict(self, images):
+            n = len(images)
+            return {"shape": ["circle"] * 2 + ["heart"] * (n - 2), "colour": ["teal"] * n, "second": ["pink"] * n,
+                    "pattern": ["checkered"] * n}
+
+    for swapped in (False, True):
+        report, strip = measure_mix(Generator(), "G", "A", [0, 1], Classifier(), None,
+                                    ("yellow-heart", "checkered-circle", swapped))
+        assert calls[-1] == (("A", "G") if swapped else ("G", "A")) and report["swapped"] is swapped
+        assert report["curve"]["500"] == dict(shape=0.0, colours=1.0, pattern=1.0, all=0.0)
+        assert report["curve"]["550"]["all"] == 1.0 and report["best_start"] == 550 and report["meets_target"]
+        assert len(strip) == len(MIX_STARTS)

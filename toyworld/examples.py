@@ -1,9 +1,10 @@
-"""The six example concepts: things the toy model can draw but no prompt can name, five images each.
+"""The seven example concepts: things the toy model can draw but no prompt can name, five images each.
 
 Each concept uses at least one unnamed attribute of the world (a crescent, a heart or a hexagon; checks; pink,
 teal or brown; a pattern in a second colour): the model's images include such things, its captions never say
 them, so no prompt in its vocabulary asks for the concept: it must be learned, as the NeTI paper's concepts are.
-Two are made for style mixing: `red-hexagon` is new in its geometry only (a plain hexagon in a named colour),
+Three are made for style mixing: `red-hexagon` and `yellow-heart` are new in their geometry only (a plain hexagon,
+a plain heart, in named colours; a heart differs from a circle at a coarser scale than a hexagon does),
 `checkered-circle` in its appearance only (a named shape with pink and teal checks). Images vary in background,
 position and size. Each
 PNG carries its caption, "a {} on a <background> background", in a `caption` text chunk (`neti.data.read_caption`),
@@ -59,8 +60,14 @@ EXAMPLES = (
                    "a pink circle with teal checks (new appearance only)"),
     ExampleConcept("two-tone-star", "star", "yellow", "striped", "purple",
                    ("white", "blue", "green", "red", "black"), "star", "a yellow star with purple stripes"),
+    ExampleConcept("yellow-heart", "heart", "yellow", "plain", "yellow",
+                   ("white", "purple", "blue", "green", "black"), "shape",
+                   "a plain yellow heart (new geometry only, unlike a circle at a coarse scale)"),
 )
-GEOMETRY_EXAMPLE, APPEARANCE_EXAMPLE = "red-hexagon", "checkered-circle"  # the style-mixing pair
+# style mixing: (geometry example, appearance example, roles swapped in the mixer: the appearance concept early and
+# in the coarse layers, the geometry concept late in the others; where the toy model decides outline and colours)
+MIX_PAIRS = (("red-hexagon", "checkered-circle", False), ("yellow-heart", "checkered-circle", False),
+             ("yellow-heart", "checkered-circle", True))
 
 
 def example_scenes(concept: ExampleConcept, seed: int = 0) -> list[Scene]:

@@ -9,8 +9,9 @@ For each example concept (`toyworld.examples`), over many seeds:
 - editability: "a photo of a {} on a C background" for the six named colours C at several truncations k
   (nested dropout's knob: fewer hidden units, a coarser and more editable concept): the share of images whose
   background is C, and the share that keep the concept's shape;
-- style mixing: the geometry example's shape with the appearance example's colours and pattern, over mixing
-  start timesteps (the geometry concept feeds every layer while t > start, its coarse layers always).
+- style mixing, for each pair of `MIX_PAIRS`: the geometry example's shape with the appearance example's colours
+  and pattern, over mixing start timesteps (the geometry concept feeds every layer while t > start, its coarse
+  layers always).
 Also the toy CLIP's image similarity of the concept's images to its photos, against the word alone.
 
     python -m toyworld.personalization --json docs/personalization.json --sheets docs/
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toyworld.examples import APPEARANCE_EXAMPLE, EXAMPLES, GEOMETRY_EXAMPLE, ExampleConcept
+from toyworld.examples import EXAMPLES, MIX_PAIRS, ExampleConcept
 from toyworld.world import COLOURS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,20 +106,22 @@ def measure_concept(generator, concept, example: ExampleConcept, photos, classif
     return report, images
 
 
-def measure_mix(generator, geometry, appearance, seeds: list[int], classifier, sampling) -> tuple[dict, list]:
-    """Share of mixed images with the geometry example's shape and the appearance example's colours and pattern,
-    per start timestep; and one image per start for the strip."""
-    shape_of = next(e for e in EXAMPLES if e.name == GEOMETRY_EXAMPLE)
-    look = next(e for e in EXAMPLES if e.name == APPEARANCE_EXAMPLE)
+def measure_mix(generator, geometry, appearance, seeds: list[int], classifier, sampling,
+                pair: tuple = MIX_PAIRS[0]) -> tuple[dict, list]:
+    """Share of mixed images with the geometry example's shape and the appearance example's colours and pattern
+    (`pair`: their names and whether the mixer gets them swapped), per start timestep; and one image per start."""
+    shape_of = next(e for e in EXAMPLES if e.name == pair[0])
+    look = next(e for e in EXAMPLES if e.name == pair[1])
     thing = dict(shape=shape_of.shape, colour=look.colour, second=second_colour(look), pattern=look.pattern)
-    result = generator.mix(FIDELITY_PROMPT, geometry, appearance, seeds, list(MIX_STARTS), sampling=sampling)
+    first, second = (appearance, geometry) if pair[2] else (geometry, appearance)
+    result = generator.mix(FIDELITY_PROMPT, first, second, seeds, list(MIX_STARTS), sampling=sampling)
     flags = [shows(f, **thing) for f in judge(classifier, result.images)]
     curve = {}
     for i, start in enumerate(MIX_STARTS):
         part = flags[i * len(seeds):(i + 1) * len(seeds)]
         curve[str(start)] = {k: share(part, k) for k in ("shape", "colours", "pattern", "all")}
     best = max(curve, key=lambda s: curve[s]["all"])
-    report = {"geometry": GEOMETRY_EXAMPLE, "appearance": APPEARANCE_EXAMPLE, "seeds": len(seeds), "curve": curve,
+    report = {"geometry": pair[0], "appearance": pair[1], "swapped": pair[2], "seeds": len(seeds), "curve": curve,
               "best_start": int(best), "best": curve[best]["all"], "meets_target": curve[best]["all"] >= TARGETS["mix"]}
     return report, [result.images[i * len(seeds)] for i in range(len(MIX_STARTS))]
 
@@ -180,12 +183,16 @@ def main(argv: list[str] | None = None) -> None:
                    (f"'{concept.super_category}' alone", images["alone"]), ("on the 6 colours", images["edits"]),
                    (f"k = {TRUNCATIONS[0]} ... 128", images["strip"])],
                   args.sheets / f"personalization-{example.name}.png")
-    if GEOMETRY_EXAMPLE in concepts and APPEARANCE_EXAMPLE in concepts:
-        report["mix"], strip = measure_mix(generator, concepts[GEOMETRY_EXAMPLE], concepts[APPEARANCE_EXAMPLE],
-                                           seeds, classifier, sampling)
-        print("mix", json.dumps(report["mix"]), flush=True)
-        if args.sheets:
-            sheet([(f"starts {MIX_STARTS[0]}-{MIX_STARTS[-1]}", strip)], args.sheets / "style-mix.png")
+    strips = []
+    for pair in MIX_PAIRS:
+        if all(name in concepts for name in pair[:2]):
+            found, strip = measure_mix(generator, concepts[pair[0]], concepts[pair[1]], seeds, classifier, sampling,
+                                       pair)
+            report.setdefault("mixes", []).append(found)
+            print("mix", json.dumps(found), flush=True)
+            strips.append((f"{pair[0]}\n+ {pair[1]}" + ("\n(swapped)" if pair[2] else ""), strip))
+    if args.sheets and strips:  # one row per pair, starts 500 ... 950 left to right
+        sheet(strips, args.sheets / "style-mix.png")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 

@@ -496,7 +496,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compound-share", type=float, default=0.0,
                         help="UNet stage: share of captions whose colour, pattern and shape are merged into one "
                              "position (a compound of their embeddings)")
-    parser.add_argument("--init", type=Path, help="classifier stage, fresh start: fine-tune this saved classifier")
+    parser.add_argument("--init", type=Path, help="classifier/clip stage, fresh start: fine-tune this saved model")
     parser.add_argument("--from-export", action="store_true",
                         help="unet stage, fresh start: continue the exported model (assets/toy-sd) instead of "
                              "random weights; the latent scaling factor stays the export's")
