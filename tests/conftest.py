@@ -61,8 +61,12 @@ def loaded_xl_pipe(xl_model_dir):
 
 
 @pytest.fixture()
-def xl_pipe(loaded_xl_pipe):
-    return copy.deepcopy(loaded_xl_pipe)
+def xl_pipe(xl_model_dir):
+    """A fresh load per test, not a deep copy: on this project's AMD EPYC CI machine (2026-12-08) a deep-copied SDXL
+    pipeline's images differed from diffusers' by up to 8e-7, which breaks the bit-for-bit equality tests."""
+    from neti.models import load_pipeline
+
+    return load_pipeline(xl_model_dir, device="cpu")
 
 
 @pytest.fixture()
