@@ -365,6 +365,7 @@ def test_style_mix_report_judges_the_geometry_shape_with_the_appearance_look_in_
 
     from PIL import Image
 
+    from toyworld.examples import MixPair
     from toyworld.personalization import MIX_STARTS, measure_mix
 
     calls = []
@@ -382,7 +383,7 @@ def test_style_mix_report_judges_the_geometry_shape_with_the_appearance_look_in_
 
     for swapped in (False, True):
         report, strip = measure_mix(Generator(), "G", "A", [0, 1], Classifier(), None,
-                                    ("yellow-heart", "checkered-circle", swapped))
+                                    MixPair("yellow-heart", "checkered-circle", swapped))
         assert calls[-1] == (("A", "G") if swapped else ("G", "A")) and report["swapped"] is swapped
         assert report["curve"]["500"] == dict(shape=0.0, colours=1.0, pattern=1.0, all=0.0)
         assert report["curve"]["550"]["all"] == 1.0 and report["best_start"] == 550 and report["meets_target"]

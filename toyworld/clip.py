@@ -84,6 +84,7 @@ ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUND
 ZERO_SHOT_PROMPTS = {attribute: zero_shot_prompts(attribute, values) for attribute, values in ATTRIBUTE_VALUES.items()}
 # named and unnamed: the judge's vocabulary has both, and it learns them all (the prompt-set loss below)
 ALL_VALUES = {"shape": ALL_SHAPES, "colour": ALL_COLOURS, "pattern": ALL_PATTERNS, "background": BACKGROUNDS}
+NAMED_VALUES = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS}
 
 
 def _text_features(model, processor, prompts: list[str]) -> torch.Tensor:
@@ -111,8 +112,8 @@ def zero_shot_unnamed(model, processor, images: np.ndarray, scenes: list[Scene])
     image_features = _image_features(model, processor, images)
     result = {}
     for attribute in ("shape", "colour", "pattern"):
-        values, named = ALL_VALUES[attribute], {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS}[attribute]
-        rows = [i for i, s in enumerate(scenes) if getattr(s, attribute) not in named]
+        values = ALL_VALUES[attribute]
+        rows = [i for i, s in enumerate(scenes) if getattr(s, attribute) not in NAMED_VALUES[attribute]]
         if rows:
             text_features = _text_features(model, processor, zero_shot_prompts(attribute, values))
             predicted = (image_features[rows] @ text_features.T).argmax(dim=1).tolist()
@@ -156,7 +157,7 @@ def train_clip(args) -> None:
     path = args.checkpoints / "clip.pt"
     torch.manual_seed(args.seed)
     model, processor = build_clip(build_tokenizer(unnamed=True))  # a judge: it has words for everything
-    if getattr(args, "init", None):
+    if args.init:
         from transformers import CLIPModel
 
         model.load_state_dict(CLIPModel.from_pretrained(args.init).state_dict())

@@ -64,10 +64,20 @@ EXAMPLES = (
                    ("white", "purple", "blue", "green", "black"), "shape",
                    "a plain yellow heart (new geometry only, unlike a circle at a coarse scale)"),
 )
-# style mixing: (geometry example, appearance example, roles swapped in the mixer: the appearance concept early and
-# in the coarse layers, the geometry concept late in the others; where the toy model decides outline and colours)
-MIX_PAIRS = (("red-hexagon", "checkered-circle", False), ("yellow-heart", "checkered-circle", False),
-             ("yellow-heart", "checkered-circle", True))
+
+
+@dataclass(frozen=True)
+class MixPair:
+    """A style-mixing measurement: the geometry example's shape with the appearance example's look. `swapped`
+    hands the mixer the roles the other way round (the appearance concept early and in the coarse layers, the
+    geometry concept late in the others): where the toy model decides outline and colours."""
+    geometry: str
+    appearance: str
+    swapped: bool = False
+
+
+MIX_PAIRS = (MixPair("red-hexagon", "checkered-circle"), MixPair("yellow-heart", "checkered-circle"),
+             MixPair("yellow-heart", "checkered-circle", swapped=True))
 
 
 def example_scenes(concept: ExampleConcept, seed: int = 0) -> list[Scene]:

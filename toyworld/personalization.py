@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toyworld.examples import EXAMPLES, MIX_PAIRS, ExampleConcept
+from toyworld.examples import EXAMPLES, MIX_PAIRS, ExampleConcept, MixPair
 from toyworld.world import COLOURS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,13 +107,13 @@ def measure_concept(generator, concept, example: ExampleConcept, photos, classif
 
 
 def measure_mix(generator, geometry, appearance, seeds: list[int], classifier, sampling,
-                pair: tuple = MIX_PAIRS[0]) -> tuple[dict, list]:
+                pair: MixPair = MIX_PAIRS[0]) -> tuple[dict, list]:
     """Share of mixed images with the geometry example's shape and the appearance example's colours and pattern
-    (`pair`: their names and whether the mixer gets them swapped), per start timestep; and one image per start."""
-    shape_of = next(e for e in EXAMPLES if e.name == pair[0])
-    look = next(e for e in EXAMPLES if e.name == pair[1])
+    (`pair`), per start timestep; and one image per start for the strip."""
+    shape_of = next(e for e in EXAMPLES if e.name == pair.geometry)
+    look = next(e for e in EXAMPLES if e.name == pair.appearance)
     thing = dict(shape=shape_of.shape, colour=look.colour, second=second_colour(look), pattern=look.pattern)
-    first, second = (appearance, geometry) if pair[2] else (geometry, appearance)
+    first, second = (appearance, geometry) if pair.swapped else (geometry, appearance)
     result = generator.mix(FIDELITY_PROMPT, first, second, seeds, list(MIX_STARTS), sampling=sampling)
     flags = [shows(f, **thing) for f in judge(classifier, result.images)]
     curve = {}
@@ -121,7 +121,7 @@ def measure_mix(generator, geometry, appearance, seeds: list[int], classifier, s
         part = flags[i * len(seeds):(i + 1) * len(seeds)]
         curve[str(start)] = {k: share(part, k) for k in ("shape", "colours", "pattern", "all")}
     best = max(curve, key=lambda s: curve[s]["all"])
-    report = {"geometry": pair[0], "appearance": pair[1], "swapped": pair[2], "seeds": len(seeds), "curve": curve,
+    report = {"geometry": pair.geometry, "appearance": pair.appearance, "swapped": pair.swapped, "seeds": len(seeds), "curve": curve,
               "best_start": int(best), "best": curve[best]["all"], "meets_target": curve[best]["all"] >= TARGETS["mix"]}
     return report, [result.images[i * len(seeds)] for i in range(len(MIX_STARTS))]
 
@@ -185,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
                   args.sheets / f"personalization-{example.name}.png")
     strips = []
     for pair in MIX_PAIRS:
-        if all(name in concepts for name in pair[:2]):
-            found, strip = measure_mix(generator, concepts[pair[0]], concepts[pair[1]], seeds, classifier, sampling,
+        if pair.geometry in concepts and pair.appearance in concepts:
+            found, strip = measure_mix(generator, concepts[pair.geometry], concepts[pair.appearance], seeds, classifier, sampling,
                                        pair)
             report.setdefault("mixes", []).append(found)
             print("mix", json.dumps(found), flush=True)
-            strips.append((f"{pair[0]}\n+ {pair[1]}" + ("\n(swapped)" if pair[2] else ""), strip))
+            strips.append((f"{pair.geometry}\n+ {pair.appearance}" + ("\n(swapped)" if pair.swapped else ""), strip))
     if args.sheets and strips:  # one row per pair, starts 500 ... 950 left to right
         sheet(strips, args.sheets / "style-mix.png")
     if args.json:
